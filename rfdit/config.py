@@ -1,0 +1,211 @@
+"""Frozen, validated configuration dataclasses.
+
+Every config round-trips through JSON (`to_dict` / `from_dict`) and raises a
+`ValueError` naming the offending value when it is invalid. An explicit value
+always beats a preset's value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+# name -> (hidden_size, depth, num_heads, patch_size or None, mlp_ratio or None)
+_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
+PRESETS: dict[str, dict[str, Any]] = {
+    # The Flax original's names.
+    "debug": dict(hidden_size=64, depth=2, num_heads=2, patch_size=8, mlp_ratio=1.0),
+    "big": dict(hidden_size=768, depth=12, num_heads=12, patch_size=2, mlp_ratio=4.0),
+    "semilarge": dict(hidden_size=1024, depth=22, num_heads=16, patch_size=2, mlp_ratio=4.0),
+    "large": dict(hidden_size=1024, depth=24, num_heads=16, patch_size=2, mlp_ratio=4.0),
+    "xlarge": dict(hidden_size=1152, depth=28, num_heads=16, patch_size=2, mlp_ratio=4.0),
+}
+for _name, (_h, _d, _n) in _SIZES.items():
+    for _p in (2, 4, 8):
+        PRESETS[f"{_name}/{_p}"] = dict(hidden_size=_h, depth=_d, num_heads=_n, patch_size=_p, mlp_ratio=4.0)
+
+TIME_CONVENTIONS = ("rfdit", "repa")
+
+
+def _check_positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value <= 0:
+            raise ValueError(f"{type(obj).__name__}.{name} (={value}) must be positive.")
+
+
+class _JsonMixin:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{cls.__name__} got unknown fields {unknown}; valid fields: {sorted(names)}.")
+        return cls(**data)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+@dataclass(frozen=True)
+class DiTConfig(_JsonMixin):
+    """Architecture of a DiT (Peebles & Xie, 2023).
+
+    `time_scale` multiplies t in [0, 1] before the sinusoidal features (DiT: 1000,
+    SiT: 1, the Flax original: 10000). `time_convention` says in which direction the
+    network was trained: "rfdit" (t=0 noise, t=1 data, v = x1 - x0) or "repa"
+    (t=0 data, predicting noise - data); samplers turn the latter into ours.
+    """
+
+    image_size: int = 32
+    in_channels: int = 4
+    patch_size: int = 2
+    hidden_size: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    learn_sigma: bool = False
+    time_scale: float = 1000.0
+    time_convention: str = "rfdit"
+    t_conditioning: bool = True
+    qk_norm: bool = False
+
+    def __post_init__(self):
+        _check_positive(self, "image_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads",
+                        "mlp_ratio", "num_classes")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"patch_size (={self.patch_size}) must divide image_size (={self.image_size}); "
+                f"choose a patch size among {[p for p in (1, 2, 4, 8, 16) if self.image_size % p == 0]}."
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"num_heads (={self.num_heads}) must divide hidden_size (={self.hidden_size})."
+            )
+        if not float(self.mlp_ratio * self.hidden_size).is_integer():
+            raise ValueError(
+                f"mlp_ratio * hidden_size (={self.mlp_ratio} * {self.hidden_size}) must be an integer width."
+            )
+        if self.time_convention not in TIME_CONVENTIONS:
+            raise ValueError(f"time_convention (={self.time_convention!r}) must be one of {TIME_CONVENTIONS}.")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "DiTConfig":
+        """A preset's architecture; every keyword given here beats the preset's value."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown DiT preset {name!r}; valid presets: {list(PRESETS)}.")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+    @property
+    def mlp_width(self) -> int:
+        return int(self.mlp_ratio * self.hidden_size)
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def num_params(self) -> int:
+        """DiT's trainable parameter count in closed form (the fixed position table excluded)."""
+        h, d, p, c, k = self.hidden_size, self.depth, self.patch_size, self.in_channels, self.num_classes
+        o, w = self.out_channels, self.mlp_width
+        head_dim = h // self.num_heads
+        block = (3 * h * h + 3 * h) + (h * h + h) + (2 * h * w + w + h) + (6 * h * h + 6 * h)
+        if self.qk_norm:
+            block += 4 * head_dim
+        return ((c * p * p * h + h) + (256 * h + h + h * h + h) + (k + 1) * h + d * block
+                + (2 * h * h + 2 * h + h * p * p * o + p * p * o))
+
+    def forward_flops(self) -> int:
+        """FLOPs of one forward pass per image (2 per multiply-add, attention included)."""
+        h, n, p, c, o = self.hidden_size, self.num_tokens, self.patch_size, self.in_channels, self.out_channels
+        w = self.mlp_width
+        per_block = n * (3 * h * h + h * h + 2 * h * w) + 2 * n * n * h  # linears + (QK^T and AV)
+        embed = n * c * p * p * h + 256 * h + h * h
+        modulation = self.depth * 6 * h * h + 2 * h * h
+        final = n * h * p * p * o
+        return 2 * (self.depth * per_block + embed + modulation + final)
+
+
+@dataclass(frozen=True)
+class FlowConfig(_JsonMixin):
+    """The rectified-flow objective.
+
+    `t_clip_max`: the Flax original forms x_t with min(t, 0.99) while the model and
+    the target see the unclipped t; None turns it off.
+    """
+
+    t_sampler: str = "logit-normal"
+    t_mean: float = 0.0
+    t_std: float = 1.0
+    class_dropout_prob: float = 0.1
+    t_clip_max: float | None = None
+
+    def __post_init__(self):
+        valid = ("uniform", "logit-normal", "log-normal")
+        if self.t_sampler not in valid:
+            raise ValueError(f"t_sampler (={self.t_sampler!r}) must be one of {list(valid)}.")
+        if not 0.0 <= self.class_dropout_prob <= 1.0:
+            raise ValueError(f"class_dropout_prob (={self.class_dropout_prob}) must lie in [0, 1].")
+        if self.t_std <= 0:
+            raise ValueError(f"t_std (={self.t_std}) must be positive.")
+        if self.t_clip_max is not None and not 0.0 < self.t_clip_max <= 1.0:
+            raise ValueError(f"t_clip_max (={self.t_clip_max}) must lie in (0, 1] or be None.")
+
+
+@dataclass(frozen=True)
+class OptimConfig(_JsonMixin):
+    """Adam with optional warm-up, clipping and decoupled weight decay, plus the EMA."""
+
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float | None = None
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
+
+    def __post_init__(self):
+        _check_positive(self, "lr", "eps")
+        for name in ("beta1", "beta2", "ema_decay"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"OptimConfig.{name} (={value}) must lie in [0, 1).")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps (={self.warmup_steps}) must be >= 0.")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip (={self.grad_clip}) must be positive or None.")
+
+
+SolverName = Literal["euler", "midpoint", "heun", "ralston", "tsit5", "dopri5", "dopri8"]
+
+
+@dataclass(frozen=True)
+class SamplerConfig(_JsonMixin):
+    """How to integrate the flow's ODE: fixed steps (`num_steps`) or adaptive (`rtol`/`atol`)."""
+
+    solver: SolverName = "euler"
+    num_steps: int | None = 32
+    rtol: float | None = None
+    atol: float | None = None
+    cfg_scale: float = 1.0
+    time_shift: float = 1.0
+
+    def __post_init__(self):
+        if self.num_steps is None and self.rtol is None and self.atol is None:
+            raise ValueError("SamplerConfig needs num_steps (fixed steps) or rtol/atol (adaptive steps).")
+        if self.num_steps is not None and self.num_steps <= 0:
+            raise ValueError(f"num_steps (={self.num_steps}) must be positive.")
+        if self.time_shift <= 0 or not math.isfinite(self.time_shift):
+            raise ValueError(f"time_shift (={self.time_shift}) must be a positive number.")

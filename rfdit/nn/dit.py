@@ -1,0 +1,241 @@
+"""The Diffusion Transformer (Peebles & Xie, 2023) as Equinox modules, channels-last.
+
+One example per call: `DiT(cfg, key=...)(x, t, y)` maps x (H, W, C), t () and y () to
+(H, W, out_channels). Batches go through `jax.vmap`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from ..config import DiTConfig
+
+NUM_FREQUENCIES = 256
+
+
+def sincos_pos_embed(hidden_size: int, grid_size: int) -> np.ndarray:
+    """DiT's fixed 2-D sin-cos position table, (grid_size², hidden_size), float32.
+
+    The first half of the features encodes the column (w) index and the second half
+    the row (h) index, as in MAE/DiT, so published tables compare equal.
+    """
+    if hidden_size % 4:
+        raise ValueError(f"hidden_size (={hidden_size}) must be divisible by 4 for the 2-D sin-cos table.")
+    omega = 1.0 / 10000 ** (np.arange(hidden_size // 4, dtype=np.float64) / (hidden_size / 4.0))
+    coords = np.arange(grid_size, dtype=np.float64)
+    grid_w, grid_h = np.meshgrid(coords, coords)  # w varies fastest, as in DiT
+
+    def encode(pos: np.ndarray) -> np.ndarray:
+        angles = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    return np.concatenate([encode(grid_w), encode(grid_h)], axis=1).astype(np.float32)
+
+
+def timestep_features(t: Float[Array, ""], dim: int = NUM_FREQUENCIES, max_period: float = 10000.0):
+    """`[cos(t·f_i), sin(t·f_i)]` with `f_i = exp(-ln(max_period)·i/(dim/2))` (DiT's order)."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    angles = t.astype(jnp.float32) * freqs
+    return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)])
+
+
+def _layer_norm(x: Float[Array, "... d"], eps: float = 1e-6) -> Float[Array, "... d"]:
+    """Parameter-free LayerNorm, computed in float32."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def _modulate(x: Float[Array, "n d"], shift: Float[Array, " d"], scale: Float[Array, " d"]) -> Float[Array, "n d"]:
+    return x * (1 + scale) + shift
+
+
+class Linear(eqx.Module):
+    """y = x W^T + b, computed in `dtype` (float32 by default, bfloat16 for mixed precision)."""
+
+    weight: Float[Array, "out in"]
+    bias: Float[Array, " out"]
+    dtype: str = eqx.field(static=True, default="float32")
+
+    def __call__(self, x: Float[Array, "... in"]) -> Float[Array, "... out"]:
+        dtype = jnp.dtype(self.dtype)
+        y = jnp.matmul(x.astype(dtype), self.weight.T.astype(dtype), preferred_element_type=jnp.float32)
+        return (y + self.bias).astype(x.dtype)
+
+
+def _xavier(key: PRNGKeyArray, out_features: int, in_features: int, dtype: str) -> Linear:
+    limit = math.sqrt(6.0 / (in_features + out_features))
+    weight = jr.uniform(key, (out_features, in_features), minval=-limit, maxval=limit)
+    return Linear(weight, jnp.zeros((out_features,)), dtype)
+
+
+def _normal(key: PRNGKeyArray, out_features: int, in_features: int, dtype: str, std: float = 0.02) -> Linear:
+    return Linear(std * jr.normal(key, (out_features, in_features)), jnp.zeros((out_features,)), dtype)
+
+
+def _zeros(out_features: int, in_features: int, dtype: str) -> Linear:
+    return Linear(jnp.zeros((out_features, in_features)), jnp.zeros((out_features,)), dtype)
+
+
+class LayerNorm(eqx.Module):
+    """LayerNorm with an affine transform (used only by the optional q/k norm)."""
+
+    weight: Float[Array, " d"]
+    bias: Float[Array, " d"]
+
+    def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+        return _layer_norm(x, eps=1e-6) * self.weight + self.bias
+
+
+class DiTBlock(eqx.Module):
+    """A transformer block with adaLN-Zero conditioning."""
+
+    qkv: Linear
+    proj: Linear
+    fc1: Linear
+    fc2: Linear
+    modulation: Linear
+    q_norm: LayerNorm | None
+    k_norm: LayerNorm | None
+    num_heads: int = eqx.field(static=True)
+
+    def __init__(self, cfg: DiTConfig, *, key: PRNGKeyArray, dtype: str = "float32"):
+        h, w = cfg.hidden_size, cfg.mlp_width
+        qkv_key, proj_key, fc1_key, fc2_key = jr.split(key, 4)
+        self.qkv = _xavier(qkv_key, 3 * h, h, dtype)
+        self.proj = _xavier(proj_key, h, h, dtype)
+        self.fc1 = _xavier(fc1_key, w, h, dtype)
+        self.fc2 = _xavier(fc2_key, h, w, dtype)
+        self.modulation = _zeros(6 * h, h, dtype)  # adaLN-Zero: every block starts as the identity
+        head_dim = h // cfg.num_heads
+        if cfg.qk_norm:
+            self.q_norm = LayerNorm(jnp.ones((head_dim,)), jnp.zeros((head_dim,)))
+            self.k_norm = LayerNorm(jnp.ones((head_dim,)), jnp.zeros((head_dim,)))
+        else:
+            self.q_norm = self.k_norm = None
+        self.num_heads = cfg.num_heads
+
+    def __call__(self, x: Float[Array, "n d"], c: Float[Array, " d"]) -> Float[Array, "n d"]:
+        n, d = x.shape
+        # shift/scale/gate for attention, then for the MLP
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(self.modulation(jax.nn.silu(c)), 6)
+
+        h = _modulate(_layer_norm(x), shift_a, scale_a)  # (n, d)
+        q, k, v = jnp.split(self.qkv(h).reshape(n, 3, self.num_heads, d // self.num_heads), 3, axis=1)
+        q, k, v = q[:, 0], k[:, 0], v[:, 0]  # (n, heads, head_dim) each
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        dtype = jnp.dtype(self.qkv.dtype)  # bf16 attention under mixed precision (a fused kernel on GPUs)
+        attn = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype))  # (n, heads, hd)
+        x = x + gate_a * self.proj(attn.reshape(n, d).astype(x.dtype))
+
+        h = _modulate(_layer_norm(x), shift_m, scale_m)
+        h = self.fc2(jax.nn.gelu(self.fc1(h), approximate=True))  # (n, d)
+        return x + gate_m * h
+
+
+class PatchEmbed(eqx.Module):
+    """Non-overlapping patches (stride = kernel = patch) projected to the width.
+
+    `weight` is laid out (hidden, p, p, C), i.e. a PyTorch conv kernel (O, I, kh, kw)
+    transposed to (O, kh, kw, I).
+    """
+
+    weight: Float[Array, "d p q c"]
+    bias: Float[Array, " d"]
+    patch_size: int = eqx.field(static=True)
+    dtype: str = eqx.field(static=True, default="float32")
+
+    def __call__(self, x: Float[Array, "H W C"]) -> Float[Array, "n d"]:
+        p = self.patch_size
+        height, width, channels = x.shape
+        patches = x.reshape(height // p, p, width // p, p, channels).transpose(0, 2, 1, 3, 4)
+        patches = patches.reshape(-1, p * p * channels)  # (n, p*p*C), row-major over (h, w)
+        dtype = jnp.dtype(self.dtype)
+        w = self.weight.reshape(self.weight.shape[0], -1).astype(dtype)
+        y = jnp.matmul(patches.astype(dtype), w.T, preferred_element_type=jnp.float32)
+        return (y + self.bias).astype(x.dtype)
+
+
+class DiT(eqx.Module):
+    """DiT with adaLN-Zero blocks, class-conditional with a null label for guidance."""
+
+    patch_embed: PatchEmbed
+    t_fc1: Linear
+    t_fc2: Linear
+    label_table: Float[Array, "k1 d"]
+    blocks: DiTBlock  # stacked: every array has a leading `depth` axis
+    final_modulation: Linear
+    final_linear: Linear
+    config: DiTConfig = eqx.field(static=True)
+
+    def __init__(self, config: DiTConfig, *, key: PRNGKeyArray, dtype: str = "float32"):
+        """`dtype` is the matmul compute dtype; parameters are always float32."""
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"compute dtype (={dtype!r}) must be 'float32' or 'bfloat16'.")
+        cfg = config
+        h, p = cfg.hidden_size, cfg.patch_size
+        patch_key, t1_key, t2_key, label_key, blocks_key = jr.split(key, 5)
+        fan_in, fan_out = cfg.in_channels * p * p, h
+        limit = math.sqrt(6.0 / (fan_in + fan_out))  # xavier on the flattened kernel, as DiT
+        self.patch_embed = PatchEmbed(
+            jr.uniform(patch_key, (h, p, p, cfg.in_channels), minval=-limit, maxval=limit), jnp.zeros((h,)), p, dtype
+        )
+        self.t_fc1 = _normal(t1_key, h, NUM_FREQUENCIES, dtype)
+        self.t_fc2 = _normal(t2_key, h, h, dtype)
+        self.label_table = 0.02 * jr.normal(label_key, (cfg.num_classes + 1, h))
+        self.blocks = eqx.filter_vmap(lambda k: DiTBlock(cfg, key=k, dtype=dtype))(jr.split(blocks_key, cfg.depth))
+        self.final_modulation = _zeros(2 * h, h, dtype)
+        self.final_linear = _zeros(p * p * cfg.out_channels, h, dtype)
+        self.config = cfg
+
+    def embed(self, t: Float[Array, ""], y: Int[Array, ""]) -> Float[Array, " d"]:
+        """The conditioning vector c = timestep embedding + label embedding."""
+        t = t * self.config.time_scale if self.config.t_conditioning else jnp.zeros_like(t)
+        t_emb = self.t_fc2(jax.nn.silu(self.t_fc1(timestep_features(t))))
+        return t_emb + self.label_table[y]
+
+    def __call__(
+        self, x: Float[Array, "H W C"], t: Float[Array, ""], y: Int[Array, ""], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "H W O"]:
+        cfg = self.config
+        if x.shape != (cfg.image_size, cfg.image_size, cfg.in_channels):
+            raise ValueError(
+                f"DiT expects one example of shape {(cfg.image_size, cfg.image_size, cfg.in_channels)} "
+                f"(H, W, C); got {x.shape}. Batch with jax.vmap."
+            )
+        p, grid = cfg.patch_size, cfg.image_size // cfg.patch_size
+        tokens = self.patch_embed(x) + sincos_pos_embed(cfg.hidden_size, grid)  # (n, d)
+        c = self.embed(t, y)  # (d,)
+
+        block_arrays, block_static = eqx.partition(self.blocks, eqx.is_array)
+
+        def run_block(tokens, arrays):
+            return eqx.combine(arrays, block_static)(tokens, c), None
+
+        tokens, _ = jax.lax.scan(run_block, tokens, block_arrays)  # (n, d)
+
+        shift, scale = jnp.split(self.final_modulation(jax.nn.silu(c)), 2)
+        out = self.final_linear(_modulate(_layer_norm(tokens), shift, scale))  # (n, p*p*O)
+        out = out.reshape(grid, grid, p, p, cfg.out_channels).transpose(0, 2, 1, 3, 4)
+        return out.reshape(cfg.image_size, cfg.image_size, cfg.out_channels).astype(x.dtype)
+
+
+def with_compute_dtype(model: DiT, dtype: str) -> DiT:
+    """The same weights, with matmuls computed in `dtype` ("float32" or "bfloat16")."""
+    skeleton = eqx.filter_eval_shape(lambda: DiT(model.config, key=jr.key(0), dtype=dtype))
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(skeleton), jax.tree_util.tree_leaves(model))
+
+
+def count_params(model: eqx.Module) -> int:
+    """Number of trainable scalars (the position table is a constant, not a parameter)."""
+    return sum(x.size for x in jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array)))

@@ -1,0 +1,146 @@
+"""Training state, optimizer, EMA and the one compiled training step."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import optax
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from .config import FlowConfig, OptimConfig
+from .flow import flow_loss
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    """Adam (AdamW when weight decay is set) with optional linear warm-up and clipping."""
+    lr = cfg.lr if cfg.warmup_steps == 0 else optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
+    if cfg.weight_decay > 0:
+        adam = optax.adamw(lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    else:
+        adam = optax.adam(lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps)
+    if cfg.grad_clip is None:
+        return adam
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adam)
+
+
+def ema_decay_at(step: Int[Array, ""], decay: float, warmup: bool) -> Float[Array, ""]:
+    """The EMA's decay at `step`: `min(decay, (1+n)/(10+n))` with warm-up, else `decay`."""
+    if not warmup:
+        return jnp.asarray(decay, jnp.float32)
+    n = step.astype(jnp.float32)
+    return jnp.minimum(decay, (1 + n) / (10 + n))
+
+
+class TrainState(eqx.Module):
+    """Everything that changes during training. The optimizer itself lives outside."""
+
+    model: eqx.Module
+    ema: eqx.Module
+    opt_state: optax.OptState
+    step: Int[Array, ""]
+    key: PRNGKeyArray
+
+    @classmethod
+    def create(cls, model: eqx.Module, optimizer: optax.GradientTransformation, *, key: PRNGKeyArray) -> "TrainState":
+        params = eqx.filter(model, eqx.is_inexact_array)
+        # The EMA is a separate copy: the step donates the state's buffers.
+        ema = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, model)
+        return cls(model, ema, optimizer.init(params), jnp.zeros((), jnp.int32), key)
+
+
+def _global_norm(tree) -> Float[Array, ""]:
+    return optax.global_norm(eqx.filter(tree, eqx.is_inexact_array))
+
+
+class TrainStep:
+    """One compiled training step (or `steps_per_call` steps scanned in one call).
+
+    The filtered-jit pattern: the state is split by `eqx.partition` into arrays and
+    static parts once; `jax.jit` compiles a function of the arrays alone, donating the
+    old state's buffers. Nothing synchronises with the host: metrics come back as
+    device arrays, and only logging should call `.item()` on them.
+
+    Call it as `state, metrics = step(state, images, labels)`. With `steps_per_call=K`
+    images and labels carry a leading axis of K batches, and each metric has shape (K,).
+    """
+
+    def __init__(
+        self,
+        optimizer: optax.GradientTransformation,
+        flow: FlowConfig,
+        optim: OptimConfig,
+        *,
+        num_classes: int,
+        steps_per_call: int = 1,
+        max_traces: int | None = None,
+    ):
+        """`max_traces` makes the step raise if it is traced more often (a test hook)."""
+        if steps_per_call < 1:
+            raise ValueError(f"steps_per_call (={steps_per_call}) must be >= 1.")
+        self.optimizer, self.flow, self.optim = optimizer, flow, optim
+        self.num_classes, self.steps_per_call = num_classes, steps_per_call
+        self._static = None
+        fn = self._arrays_step
+        if max_traces is not None:
+            fn = eqx.debug.assert_max_traces(fn, max_traces=max_traces)
+        self._jitted = jax.jit(fn, donate_argnums=0)
+
+    def _one_step(self, state: TrainState, images, labels) -> tuple[TrainState, dict[str, Array]]:
+        key, loss_key = jr.split(state.key)
+        params, model_static = eqx.partition(state.model, eqx.is_inexact_array)
+
+        def loss_fn(params):
+            model = eqx.combine(params, model_static)
+            return flow_loss(model, images, labels, self.flow, self.num_classes, key=loss_key)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        with jax.numpy_dtype_promotion("standard"):  # optax's Adam mixes weak and strong dtypes
+            updates, opt_state = self.optimizer.update(grads, state.opt_state, params)
+        params = optax.apply_updates(params, updates)
+        decay = ema_decay_at(state.step, self.optim.ema_decay, self.optim.ema_warmup)
+        ema_params, ema_static = eqx.partition(state.ema, eqx.is_inexact_array)
+        ema_params = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, ema_params, params)
+        new_state = TrainState(
+            model=eqx.combine(params, model_static),
+            ema=eqx.combine(ema_params, ema_static),
+            opt_state=opt_state,
+            step=state.step + 1,
+            key=key,
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": _global_norm(grads),
+            "update_norm": _global_norm(updates),
+            "param_norm": _global_norm(params),
+            "v_abs_mean": aux["v_abs_mean"],
+            "v_pred_abs_mean": aux["v_pred_abs_mean"],
+        }
+        return new_state, metrics
+
+    def _arrays_step(self, arrays, images, labels):
+        state = eqx.combine(arrays, self._static)
+        if self.steps_per_call == 1:
+            state, metrics = self._one_step(state, images, labels)
+        else:
+            def body(state, batch):
+                return self._one_step(state, *batch)
+
+            state, metrics = jax.lax.scan(body, state, (images, labels))
+        return eqx.filter(state, eqx.is_array), metrics
+
+    def __call__(
+        self, state: TrainState, images: Float[Array, "..."], labels: Int[Array, "..."]
+    ) -> tuple[TrainState, dict[str, Array]]:
+        arrays, static = eqx.partition(state, eqx.is_array)
+        if self._static is None:
+            self._static = static
+        expected = images.ndim == (5 if self.steps_per_call > 1 else 4)
+        if not expected:
+            raise ValueError(
+                f"images must have shape {'(K, B, H, W, C)' if self.steps_per_call > 1 else '(B, H, W, C)'} "
+                f"for steps_per_call={self.steps_per_call}; got {images.shape}."
+            )
+        new_arrays, metrics = self._jitted(arrays, images, labels)
+        return eqx.combine(new_arrays, self._static), metrics

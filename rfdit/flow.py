@@ -5,7 +5,7 @@ t = 0 is noise (x0 ~ N(0, I)) and t = 1 is data (x1).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -7,7 +7,7 @@ and solves it for a batch.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import diffrax as dfx
 import equinox as eqx
@@ -25,11 +25,9 @@ SOLVERS: dict[str, type[dfx.AbstractSolver]] = {
     "dopri5": dfx.Dopri5,
     "dopri8": dfx.Dopri8,
 }
-# Initial step-size selection (Hairer's algorithm, as in Diffrax) evaluates the field twice.
-_INITIAL_STEP_NFE = 2
 
 
-def _solver(name: str) -> dfx.AbstractERK:
+def _solver(name: str) -> dfx.AbstractSolver:
     if name not in SOLVERS:
         raise ValueError(f"Unknown solver {name!r}; valid solvers: {list(SOLVERS)}.")
     return SOLVERS[name]()
@@ -113,24 +111,31 @@ def solve(
         rtol = atol if rtol is None else rtol
         atol = rtol if atol is None else atol
         controller, dt0, steps_budget = dfx.PIDController(rtol=rtol, atol=atol), None, max_steps
+    if adaptive:
+        # An explicit first step: Diffrax's own selection would add evaluations we'd have to guess.
+        dt0 = (t1 - t0) / 64
     saveat = dfx.SaveAt(t1=True) if save_ts is None else dfx.SaveAt(ts=jnp.asarray(save_ts), t1=True)
+    per_step, at_start = evaluations_per_step(solver)
+    solver_state = None
+    if at_start:
+        # FSAL: evaluate f(t0, x0) once here. Diffrax would otherwise re-evaluate the first
+        # stage on every rejected attempt of the first step, which no step count reveals.
+        solver_state = (jnp.asarray(False), field(jnp.asarray(t0), x0))
     sol = dfx.diffeqsolve(
-        term, _solver(solver), t0, t1, dt0, x0,
+        term, _solver(solver), t0, t1, dt0, x0, solver_state=solver_state,
         stepsize_controller=controller, saveat=saveat, max_steps=steps_budget, throw=False,
     )
-    per_step, at_start = evaluations_per_step(solver)
-    attempted = sol.stats["num_steps"]
-    nfe = per_step * attempted + at_start + (_INITIAL_STEP_NFE if adaptive else 0)
+    nfe = per_step * sol.stats["num_steps"] + at_start
     stats = {
         "nfe": jnp.asarray(nfe, jnp.int32),
         "num_accepted_steps": sol.stats["num_accepted_steps"],
         "num_rejected_steps": sol.stats["num_rejected_steps"],
         "result": sol.result._value,  # 0: success; see diffrax.RESULTS
     }
-    if save_ts is None:
-        x1 = jax.tree_util.tree_map(lambda y: y[-1], sol.ys)
-    else:
-        x1, stats["ys"] = sol.ys[1], sol.ys[0]
+    # Diffrax stacks the saved states in time order: save_ts first, then t1.
+    x1 = jax.tree_util.tree_map(lambda y: y[-1], sol.ys)
+    if save_ts is not None:
+        stats["ys"] = jax.tree_util.tree_map(lambda y: y[:-1], sol.ys)
     return x1, stats
 
 

@@ -51,7 +51,7 @@ class TrainState(eqx.Module):
 
 
 def _global_norm(tree) -> Float[Array, ""]:
-    return optax.global_norm(eqx.filter(tree, eqx.is_inexact_array))
+    return optax.tree.norm(eqx.filter(tree, eqx.is_inexact_array))
 
 
 class TrainStep:

@@ -56,7 +56,11 @@ def _layer_norm(x: Float[Array, "... d"], eps: float = 1e-6) -> Float[Array, "..
 
 
 def _modulate(x: Float[Array, "n d"], shift: Float[Array, " d"], scale: Float[Array, " d"]) -> Float[Array, "n d"]:
-    return x * (1 + scale) + shift
+    return x * (1 + scale[None]) + shift[None]
+
+
+def _add_bias(y: Float[Array, "... d"], bias: Float[Array, " d"]) -> Float[Array, "... d"]:
+    return y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)
 
 
 class Linear(eqx.Module):
@@ -69,7 +73,7 @@ class Linear(eqx.Module):
     def __call__(self, x: Float[Array, "... in"]) -> Float[Array, "... out"]:
         dtype = jnp.dtype(self.dtype)
         y = jnp.matmul(x.astype(dtype), self.weight.T.astype(dtype), preferred_element_type=jnp.float32)
-        return (y + self.bias).astype(x.dtype)
+        return _add_bias(y, self.bias).astype(x.dtype)
 
 
 def _xavier(key: PRNGKeyArray, out_features: int, in_features: int, dtype: str) -> Linear:
@@ -93,7 +97,7 @@ class LayerNorm(eqx.Module):
     bias: Float[Array, " d"]
 
     def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
-        return _layer_norm(x, eps=1e-6) * self.weight + self.bias
+        return _add_bias(_layer_norm(x, eps=1e-6) * self.weight.reshape((1,) * (x.ndim - 1) + self.weight.shape), self.bias)
 
 
 class DiTBlock(eqx.Module):
@@ -135,12 +139,13 @@ class DiTBlock(eqx.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         dtype = jnp.dtype(self.qkv.dtype)  # bf16 attention under mixed precision (a fused kernel on GPUs)
-        attn = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype))  # (n, heads, hd)
-        x = x + gate_a * self.proj(attn.reshape(n, d).astype(x.dtype))
+        with jax.numpy_dtype_promotion("standard"):  # jax's XLA attention promotes bf16 logits to f32
+            attn = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype))  # (n, heads, hd)
+        x = x + gate_a[None] * self.proj(attn.reshape(n, d).astype(x.dtype))
 
         h = _modulate(_layer_norm(x), shift_m, scale_m)
         h = self.fc2(jax.nn.gelu(self.fc1(h), approximate=True))  # (n, d)
-        return x + gate_m * h
+        return x + gate_m[None] * h
 
 
 class PatchEmbed(eqx.Module):
@@ -163,7 +168,7 @@ class PatchEmbed(eqx.Module):
         dtype = jnp.dtype(self.dtype)
         w = self.weight.reshape(self.weight.shape[0], -1).astype(dtype)
         y = jnp.matmul(patches.astype(dtype), w.T, preferred_element_type=jnp.float32)
-        return (y + self.bias).astype(x.dtype)
+        return _add_bias(y, self.bias).astype(x.dtype)
 
 
 class DiT(eqx.Module):
@@ -238,4 +243,7 @@ def with_compute_dtype(model: DiT, dtype: str) -> DiT:
 
 def count_params(model: eqx.Module) -> int:
     """Number of trainable scalars (the position table is a constant, not a parameter)."""
-    return sum(x.size for x in jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array)))
+    def is_param(x):  # arrays, or their shapes under eval_shape
+        return hasattr(x, "shape") and hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(model) if is_param(x))

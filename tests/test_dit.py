@@ -1,0 +1,178 @@
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import rfdit
+from rfdit.config import PRESETS
+from rfdit.nn.dit import sincos_pos_embed, timestep_features, with_compute_dtype
+
+
+def closed_form_params(h, d, p, c, k, o, r):
+    # The DiT paper's parameter count, written independently of DiTConfig.num_params.
+    return ((c * p * p * h + h) + (256 * h + h + h * h + h) + (k + 1) * h
+            + d * (3 * h * h + 3 * h + h * h + h + 2 * r * h * h + r * h + h + 6 * h * h + 6 * h)
+            + (2 * h * h + 2 * h + h * p * p * o + p * p * o))
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_dit_preset_shapes_and_param_count(name):
+    cfg = rfdit.DiTConfig.preset(name, image_size=32, in_channels=4, num_classes=1000, learn_sigma=True)
+    model = eqx.filter_eval_shape(rfdit.DiT, cfg, key=jr.key(0))
+    out = eqx.filter_eval_shape(
+        model, jax.ShapeDtypeStruct((32, 32, 4), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32),
+        jax.ShapeDtypeStruct((), jnp.int32),
+    )
+    assert out.shape == (32, 32, 8)
+    p = PRESETS[name]
+    expected = closed_form_params(p["hidden_size"], p["depth"], p["patch_size"], 4, 1000, 8, int(p["mlp_ratio"]))
+    assert rfdit.count_params(model) == expected == cfg.num_params()
+
+
+def test_dit_param_count_published_values():
+    b2 = rfdit.DiTConfig.preset("B/2", image_size=32, in_channels=4, num_classes=1000, learn_sigma=True)
+    xl2 = rfdit.DiTConfig.preset("XL/2", image_size=32, in_channels=4, num_classes=1000, learn_sigma=True)
+    assert b2.num_params() == 130_315_808
+    assert xl2.num_params() == 674_834_720
+
+
+def test_dit_gflops_match_published():
+    # DiT's Table 4 reports multiply-adds of the forward pass at 256x256 (32x32x4 latents).
+    for name, gmacs in [("XL/2", 118.6), ("B/2", 23.01), ("S/8", 0.36)]:
+        cfg = rfdit.DiTConfig.preset(name, image_size=32, in_channels=4, num_classes=1000, learn_sigma=True)
+        assert cfg.forward_flops() / 2 / 1e9 == pytest.approx(gmacs, rel=0.02)
+
+
+def test_dit_override_beats_preset():
+    cfg = rfdit.DiTConfig.preset("big", patch_size=8, image_size=32)
+    assert cfg.patch_size == 8 and cfg.hidden_size == 768
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(image_size=30, patch_size=4), "patch_size \\(=4\\) must divide image_size \\(=30\\)"),
+        (dict(hidden_size=100, num_heads=3), "num_heads \\(=3\\) must divide hidden_size \\(=100\\)"),
+        (dict(depth=0), "depth"),
+        (dict(time_convention="sit"), "time_convention"),
+    ],
+)
+def test_dit_config_invalid_raises(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        rfdit.DiTConfig(**kwargs)
+
+
+def test_dit_unknown_preset_lists_choices():
+    with pytest.raises(ValueError, match="valid presets"):
+        rfdit.DiTConfig.preset("huge")
+
+
+def test_dit_config_json_round_trip():
+    cfg = rfdit.DiTConfig.preset("S/4", image_size=16, learn_sigma=True)
+    assert rfdit.DiTConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown fields"):
+        rfdit.DiTConfig.from_dict({**cfg.to_dict(), "width": 3})
+
+
+def small_model(key, **overrides):
+    cfg = rfdit.DiTConfig(**{**dict(image_size=8, in_channels=3, patch_size=2, hidden_size=32, depth=2,
+                                    num_heads=4, mlp_ratio=2.0, num_classes=10), **overrides})
+    return rfdit.DiT(cfg, key=key)
+
+
+def test_dit_zero_output_at_init(getkey):
+    model = small_model(getkey())
+    out = model(jr.normal(getkey(), (8, 8, 3)), jnp.asarray(0.3), jnp.asarray(4))
+    assert out.shape == (8, 8, 3)
+    assert jnp.all(out == 0)
+
+
+def perturbed(model, key):
+    # Nonzero weights everywhere, so the forward pass exercises every path.
+    leaves, treedef = jax.tree_util.tree_flatten(model)
+    keys = jr.split(key, len(leaves))
+    leaves = [x + 0.05 * jr.normal(k, x.shape) if eqx.is_inexact_array(x) else x for x, k in zip(leaves, keys)]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def test_dit_wrong_input_shape_raises(getkey):
+    model = small_model(getkey())
+    with pytest.raises(ValueError, match="expects one example of shape \\(8, 8, 3\\)"):
+        model(jnp.zeros((4, 4, 3)), jnp.asarray(0.3), jnp.asarray(1))
+    with pytest.raises(TypeError, match=r"f32\[2,8,8,3\]"):  # jaxtyping + beartype: a batch needs vmap
+        model(jnp.zeros((2, 8, 8, 3)), jnp.asarray(0.3), jnp.asarray(1))
+
+
+def test_dit_wrong_dtype_caught_by_jaxtyping(getkey):
+    model = small_model(getkey())
+    with pytest.raises(Exception, match="(?i)type"):
+        model(jnp.zeros((8, 8, 3), jnp.int32), jnp.asarray(0.3), jnp.asarray(1))
+
+
+def test_dit_unpatchify_keeps_pixels_local(getkey):
+    # Changing one input patch may change only the outputs through attention, but with
+    # attention and MLP switched off the final linear maps each token to its own patch.
+    model = perturbed(small_model(getkey()), getkey())
+    model = eqx.tree_at(lambda m: m.blocks.modulation.weight, model, jnp.zeros_like(model.blocks.modulation.weight))
+    model = eqx.tree_at(lambda m: m.blocks.modulation.bias, model, jnp.zeros_like(model.blocks.modulation.bias))
+    x = jr.normal(getkey(), (8, 8, 3))
+    y0 = model(x, jnp.asarray(0.5), jnp.asarray(2))
+    y1 = model(x.at[2:4, 4:6].add(1.0), jnp.asarray(0.5), jnp.asarray(2))
+    changed = np.argwhere(np.abs(np.asarray(y1 - y0)).sum(-1) > 0)
+    assert changed.min(0).tolist() == [2, 4] and changed.max(0).tolist() == [3, 5]
+
+
+def test_timestep_features_order_and_range():
+    f = timestep_features(jnp.asarray(1000.0 * 0.25))
+    i = np.arange(128)
+    freqs = np.exp(-np.log(10000.0) * i / 128)
+    np.testing.assert_allclose(f[:128], np.cos(250.0 * freqs), atol=1e-4)
+    np.testing.assert_allclose(f[128:], np.sin(250.0 * freqs), atol=1e-4)
+
+
+def test_sincos_pos_embed_closed_form():
+    table = sincos_pos_embed(16, 4)
+    assert table.shape == (16, 16)
+    # token (h=1, w=2): first half encodes w, second half h
+    omega = 1.0 / 10000 ** (np.arange(4) / 4.0)
+    token = table[1 * 4 + 2]
+    np.testing.assert_allclose(token[:4], np.sin(2 * omega), rtol=1e-6)
+    np.testing.assert_allclose(token[4:8], np.cos(2 * omega), rtol=1e-6)
+    np.testing.assert_allclose(token[8:12], np.sin(1 * omega), rtol=1e-6)
+
+
+def test_dit_position_table_is_not_a_parameter(getkey):
+    model = small_model(getkey())
+    assert rfdit.count_params(model) == model.config.num_params()
+
+
+def test_dit_t_conditioning_off_ignores_time(getkey):
+    model = perturbed(small_model(getkey(), t_conditioning=False), getkey())
+    x = jr.normal(getkey(), (8, 8, 3))
+    assert jnp.array_equal(model(x, jnp.asarray(0.1), jnp.asarray(3)), model(x, jnp.asarray(0.9), jnp.asarray(3)))
+
+
+def test_dit_bf16_compute_close_to_f32(getkey):
+    model = perturbed(small_model(getkey()), getkey())
+    x, t, y = jr.normal(getkey(), (8, 8, 3)), jnp.asarray(0.4), jnp.asarray(5)
+    ref = model(x, t, y)
+    out = with_compute_dtype(model, "bfloat16")(x, t, y)
+    assert out.dtype == jnp.float32
+    rel = jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)
+    assert 0 < rel < 2e-2  # bf16 operands carry 8 mantissa bits: ~1e-3..1e-2 relative error
+
+
+def test_dit_xl2_compiles_fast():
+    cfg = rfdit.DiTConfig.preset("XL/2", image_size=32, in_channels=4, num_classes=1000, learn_sigma=True)
+    model = eqx.filter_eval_shape(rfdit.DiT, cfg, key=jr.key(0))
+    args = (jax.ShapeDtypeStruct((2, 32, 32, 4), jnp.float32), jax.ShapeDtypeStruct((2,), jnp.float32),
+            jax.ShapeDtypeStruct((2,), jnp.int32))
+    start = time.perf_counter()
+    jax.jit(lambda m, x, t, y: jax.vmap(m)(x, t, y)).lower(model, *args).compile()
+    elapsed = time.perf_counter() - start
+    print(f"XL/2 forward trace+compile: {elapsed:.1f} s")
+    assert elapsed < 60  # the scan over 28 blocks keeps this at a few seconds

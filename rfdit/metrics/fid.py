@@ -71,7 +71,7 @@ def feature_statistics(features: Float[Array | np.ndarray, "n d"]) -> tuple[np.n
 
 def compute_statistics(
     feature_fn: FeatureFn,
-    batches: Iterable[Float[Array | np.ndarray, "b h w 3"]],
+    batches: Iterable[Float[Array | np.ndarray, "_b h w 3"]],  # _b: batch sizes may differ
     *,
     num_images: int | None = None,
     progress: bool = True,

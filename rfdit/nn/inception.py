@@ -129,7 +129,7 @@ class ConvBN(eqx.Module):
             # Full float32: TF32/bf16 passes on GPUs would move features by ~1e-3 relative.
             precision=jax.lax.Precision.HIGHEST,
         )[0]
-        return jax.nn.relu(y * self.scale + self.shift)
+        return jax.nn.relu(y * self.scale[None, None] + self.shift[None, None])
 
 
 def _max_pool(x: Float[Array, "h w c"], stride: int, padding: int = 0) -> Float[Array, "h2 w2 c"]:

@@ -305,7 +305,9 @@ class Attention(eqx.Module):
         dtype = jnp.dtype(self.to_q.dtype)
         # (n, heads=1, c): jax.nn.dot_product_attention takes (T, N, H) and uses the fused kernel where it can
         q, k, v = (proj(h)[:, None, :].astype(dtype) for proj in (self.to_q, self.to_k, self.to_v))
-        attended = jax.nn.dot_product_attention(q, k, v)[:, 0, :].astype(x.dtype)  # (n, c)
+        # jax's XLA attention promotes bf16 logits with float32 internally, which strict promotion rejects
+        with jax.numpy_dtype_promotion("standard"):
+            attended = jax.nn.dot_product_attention(q, k, v)[:, 0, :].astype(x.dtype)  # (n, c)
         return x + self.to_out[0](attended).reshape(height, width, channels)
 
 

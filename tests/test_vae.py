@@ -27,6 +27,12 @@ PARITY_CONFIGS = [
                     out_channels=2, latent_channels=3, scaling_factor=0.5),
         image_shape=(2, 24, 16, 4),
     ),
+    # the options the SD VAEs leave on, turned off, in a single block (no downsampling at all)
+    dict(
+        config=dict(block_out_channels=(8,), norm_num_groups=2, mid_block_add_attention=False, use_quant_conv=False,
+                    use_post_quant_conv=False),
+        image_shape=(1, 8, 8, 3),
+    ),
 ]
 
 # config.json of stabilityai/sd-vae-ft-mse and -ema as published (written by diffusers 0.4.2: no scaling_factor)
@@ -84,7 +90,7 @@ def nhwc(t):
     return t.permute(0, 2, 3, 1).numpy()
 
 
-@pytest.mark.parametrize("case", PARITY_CONFIGS, ids=["rgb-2blocks", "nonsquare-3blocks"])
+@pytest.mark.parametrize("case", PARITY_CONFIGS, ids=["rgb-2blocks", "nonsquare-3blocks", "1block-no-attention"])
 def test_autoencoderkl_matches_diffusers(case, tmp_path):
     import torch
 
@@ -178,8 +184,10 @@ def test_stablevae_save_load_round_trip(tmp_path, getkey):
     vae = StableVAE.random(TINY, key=getkey())
     vae.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
-    loaded = StableVAE.from_pretrained(tmp_path)
-    assert eqx.tree_equal(loaded, vae)
+    assert eqx.tree_equal(StableVAE.from_pretrained(tmp_path), vae)
+    bf16 = StableVAE.from_pretrained(tmp_path, dtype="bfloat16")
+    assert eqx.tree_equal(bf16, vae.with_compute_dtype("bfloat16"))
+    assert bf16.model.decoder.mid_block.attentions[0].to_q.dtype == "bfloat16"
 
 
 def test_stablevae_loads_legacy_attention_names_and_conv_weights(tmp_path, getkey):

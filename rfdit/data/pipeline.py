@@ -61,3 +61,47 @@ class ArrayBatches:
         while True:
             yield self.batch(step)
             step += 1
+
+
+class Prefetcher:
+    """Run an iterator in a background thread, `depth` items ahead of the consumer."""
+
+    def __init__(self, iterator: Iterator, depth: int = 2):
+        import queue
+        import threading
+
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._done = object()
+        self._stop = threading.Event()
+
+        def work():
+            try:
+                for item in iterator:
+                    while not self._stop.is_set():
+                        try:
+                            self._queue.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if self._stop.is_set():
+                        return
+            except BaseException as error:  # re-raised in the consumer's thread
+                self._queue.put(error)
+            self._queue.put(self._done)
+
+        self._thread = threading.Thread(target=work, daemon=True)
+        self._thread.start()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self._queue.get()
+        if item is self._done:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()

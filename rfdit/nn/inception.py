@@ -398,7 +398,8 @@ def _conv_paths(model: InceptionV3) -> list[tuple[str, ConvBN]]:
 
 
 def _state_dict_names(prefix: str) -> tuple[str, ...]:
-    return tuple(f"{prefix}.{name}" for name in ("conv.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"))
+    names = ("conv.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var")
+    return tuple(f"{prefix}.{name}" for name in names)
 
 
 def inception_from_state_dict(state_dict: Mapping[str, np.ndarray]) -> InceptionV3:
@@ -436,7 +437,7 @@ def inception_from_state_dict(state_dict: Mapping[str, np.ndarray]) -> Inception
         if weight.shape != (cout, cin, kh, kw):
             raise ValueError(f"{weight_name} has shape {weight.shape}; expected {(cout, cin, kh, kw)} (O, I, kh, kw).")
         bn = [np.asarray(state_dict[name], np.float64) for name in (gamma_name, beta_name, mean_name, var_name)]
-        for name, value in zip((gamma_name, beta_name, mean_name, var_name), bn):
+        for name, value in zip((gamma_name, beta_name, mean_name, var_name), bn, strict=True):
             if value.shape != (cout,):
                 raise ValueError(f"{name} has shape {value.shape}; expected ({cout},).")
         gamma, beta, mean, var = bn
@@ -446,6 +447,7 @@ def inception_from_state_dict(state_dict: Mapping[str, np.ndarray]) -> Inception
             jnp.asarray(scale.astype(np.float32)),
             jnp.asarray((beta - mean * scale).astype(np.float32)),
         ]
+
     def leaves(model: InceptionV3) -> list:
         return [leaf for _, layer in _conv_paths(model) for leaf in (layer.weight, layer.scale, layer.shift)]
 
@@ -485,7 +487,9 @@ def convert_inception_weights(pth: str | os.PathLike, out: str | os.PathLike | N
 def _save_safetensors(state: Mapping[str, np.ndarray], out: pathlib.Path, source: str) -> None:
     from safetensors.numpy import save_file
 
-    tensors = {name: np.ascontiguousarray(value) for name, value in state.items() if not name.endswith("num_batches_tracked")}
+    tensors = {
+        name: np.ascontiguousarray(value) for name, value in state.items() if not name.endswith("num_batches_tracked")
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".part")
     save_file(tensors, str(partial), metadata={"format": "fid-inception-v3-2015-12-05", "source": source})
@@ -540,12 +544,13 @@ def _missing_weights_message(searched: list[pathlib.Path], why: str) -> str:
         f"FID Inception weights not found ({why}). Looked for {', '.join(_SAFETENSORS_FILES + _PTH_FILES)} "
         f"in {', '.join(map(str, searched))}.\n"
         f"Download {TORCH_FIDELITY_FILE} (~95 MB) from\n  {WEIGHTS_URL}\n"
-        f"(or pytorch-fid's {PYTORCH_FID_FILE}, same weights: {PYTORCH_FID_URL})\n"
+        f"(or pytorch-fid's {PYTORCH_FID_FILE}, a port of the same TF weights: {PYTORCH_FID_URL})\n"
         f"and put it in {folder}/ (set $RFDIT_CACHE to move it), e.g.\n"
         f"  mkdir -p {folder} && curl -L -o {folder}/{TORCH_FIDELITY_FILE} {WEIGHTS_URL}\n"
-        "Reading a .pth needs torch once; load_inception() then writes "
-        f"{stem}.safetensors next to it, or convert by hand with\n"
-        f"  python -c \"from rfdit.nn.inception import convert_inception_weights as c; c('{folder}/{TORCH_FIDELITY_FILE}')\"\n"
+        f"Reading a .pth needs torch once; load_inception() then writes {folder}/{stem}.safetensors, "
+        "or convert by hand with\n"
+        "  python -c \"from rfdit.nn.inception import convert_inception_weights as c; "
+        f"c('{folder}/{TORCH_FIDELITY_FILE}')\"\n"
         "and later runs need neither torch nor a network. Or pass weights_path=... explicitly."
     )
 
@@ -561,9 +566,9 @@ def load_inception(weights_path: str | os.PathLike | None = None, *, download: b
         download: with no weights found, fetch torch-fidelity's file into `default_weights_dir()`
             unless $RFDIT_OFFLINE or $HF_HUB_OFFLINE is set.
 
-    A `.pth` found by the search (not one passed explicitly) is converted to safetensors next to
-    itself, so later runs need no torch. Without weights a `FileNotFoundError` says what to
-    download and where to put it.
+    A `.pth` found by the search (not one passed explicitly) is also written as safetensors into
+    `default_weights_dir()`, which the next search finds first, so later runs need no torch.
+    Without weights a `FileNotFoundError` says what to download and where to put it.
     """
     if weights_path is not None:
         path = pathlib.Path(weights_path).expanduser()

@@ -1,0 +1,202 @@
+"""Checkpoints (Orbax: complete training state, atomic, last K kept) and exports (safetensors).
+
+A checkpoint holds everything needed to continue: model, EMA, optimizer state, step,
+key (as raw key data), the data position and the resolved config. Orbax writes each
+step into a temporary folder and renames it when complete, so a save killed midway
+never replaces the last good checkpoint.
+
+An export is the EMA model alone: `export/model.safetensors` (tensor names are the
+pytree paths joined by ".") and `export/config.json` ("format": "rfdit-export", a
+"version", and everything needed to rebuild the model).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+
+from .config import DiTConfig
+from .nn.dit import DiT
+
+EXPORT_FORMAT = "rfdit-export"
+EXPORT_VERSION = 1
+
+for _name in ("absl", "orbax"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+
+def _leaf_name(path) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator=".")
+
+
+def _flatten(tree) -> tuple[list[str], list[Any]]:
+    """Named array leaves of a pytree; PRNG keys become their raw uint32 data."""
+    names, leaves = [], []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if not eqx.is_array(leaf):
+            continue
+        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jr.key_data(leaf)
+        names.append(_leaf_name(path))
+        leaves.append(leaf)
+    return names, leaves
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or made for another configuration."""
+
+
+class Checkpointer:
+    """Save and restore complete training states under `directory` with Orbax."""
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3, read_only: bool = False):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.directory = pathlib.Path(directory).absolute()
+        if read_only and not self.directory.is_dir():
+            raise CheckpointError(f"no checkpoint folder at {self.directory}; pass a run folder or its checkpoints/.")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=not read_only, read_only=read_only, enable_async_checkpointing=False,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("arrays", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: eqx.Module, meta: dict[str, Any]) -> None:
+        """Save `state` (any pytree of arrays) at `step` with JSON metadata; blocks until written."""
+        ocp = self._ocp
+        names, leaves = _flatten(state)
+        meta = {**meta, "leaf_names": names, "leaf_shapes": [list(x.shape) for x in leaves],
+                "leaf_dtypes": [str(x.dtype) for x in leaves]}
+        arrays = {f"leaf_{i:05d}": x for i, x in enumerate(leaves)}
+        self.manager.save(
+            step, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)),
+            force=True,
+        )
+        self.manager.wait_until_finished()
+
+    def read_meta(self, step: int | None = None) -> tuple[int, dict[str, Any]]:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no complete checkpoint in {self.directory}.")
+        try:
+            meta = self.manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))
+        except Exception as error:  # orbax raises many kinds of errors for damaged files
+            raise CheckpointError(
+                f"checkpoint {step} in {self.directory} is unreadable ({type(error).__name__}: {error}); it may be "
+                "corrupt or incomplete. Delete it to fall back to an earlier one, or pass another --load_dir."
+            ) from error
+        return step, dict(meta["meta"])
+
+    def restore(self, template: eqx.Module, step: int | None = None) -> tuple[eqx.Module, dict[str, Any]]:
+        """Restore into the structure of `template` (its shapes, dtypes and shardings)."""
+        step, meta = self.read_meta(step)
+        names, leaves = _flatten(template)
+        saved = list(zip(meta.get("leaf_names", []), map(tuple, meta.get("leaf_shapes", []))))
+        expected = list(zip(names, [tuple(x.shape) for x in leaves]))
+        if saved != expected:
+            diffs = [f"{n}: saved {s}, expected {e}" for (n, s), (_, e) in zip(saved, expected) if s != e]
+            missing = sorted(set(names) - {n for n, _ in saved})
+            raise CheckpointError(
+                f"checkpoint {step} in {self.directory} does not match this configuration: "
+                f"{len(saved)} saved arrays vs {len(expected)} expected; "
+                f"{(diffs + [f'missing {m}' for m in missing])[:5]}. Use the config the run was saved with "
+                "(its config.json), or start a new run."
+            )
+        abstract = {
+            f"leaf_{i:05d}": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+            for i, x in enumerate(leaves)
+        }
+        try:
+            restored = self.manager.restore(
+                step, args=self._ocp.args.Composite(arrays=self._ocp.args.StandardRestore(abstract))
+            )["arrays"]
+        except Exception as error:
+            raise CheckpointError(
+                f"checkpoint {step} in {self.directory} is unreadable ({type(error).__name__}: {error}); it may be "
+                "corrupt or incomplete. Delete it to fall back to an earlier one, or pass another --load_dir."
+            ) from error
+        new_leaves = iter([restored[f"leaf_{i:05d}"] for i in range(len(leaves))])
+        template_leaves, treedef = jax.tree_util.tree_flatten(template)
+        out = []
+        for leaf in template_leaves:
+            if not eqx.is_array(leaf):
+                out.append(leaf)
+                continue
+            value = next(new_leaves)
+            if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+                value = jr.wrap_key_data(value)
+            out.append(value)
+        return jax.tree_util.tree_unflatten(treedef, out), meta
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def export_model(model: DiT, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> pathlib.Path:
+    """Write `model` as safetensors plus a versioned config.json into `directory`."""
+    from safetensors.numpy import save_file
+
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    names, leaves = _flatten(model)
+    tensors = {name: np.asarray(jax.device_get(leaf)) for name, leaf in zip(names, leaves)}
+    tmp = directory / "model.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, directory / "model.safetensors")
+    config = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "model": model.config.to_dict(), **(extra or {})}
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def load_export(directory: str | os.PathLike) -> tuple[DiT, dict[str, Any]]:
+    """Load an export folder: the model and its config.json (no torch needed)."""
+    from safetensors.numpy import load_file
+
+    directory = pathlib.Path(directory)
+    config_path, weights_path = directory / "config.json", directory / "model.safetensors"
+    if not config_path.is_file() or not weights_path.is_file():
+        raise CheckpointError(
+            f"{directory} is not an rfdit export: expected config.json and model.safetensors in it."
+        )
+    config = json.loads(config_path.read_text())
+    if config.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{config_path} has format {config.get('format')!r}; expected {EXPORT_FORMAT!r}.")
+    if config.get("version", 0) > EXPORT_VERSION:
+        raise CheckpointError(
+            f"{config_path} is export version {config['version']}; this rfdit reads up to {EXPORT_VERSION}. "
+            "Upgrade rfdit."
+        )
+    cfg = DiTConfig.from_dict(config["model"])
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as error:
+        raise CheckpointError(f"{weights_path} is unreadable ({error}); it may be corrupt.") from error
+    skeleton = eqx.filter_eval_shape(DiT, cfg, key=jr.key(0))
+    names, leaves = _flatten(skeleton)
+    missing = [n for n in names if n not in tensors]
+    unexpected = sorted(set(tensors) - set(names))
+    wrong = [f"{n}: {tensors[n].shape} vs {tuple(x.shape)}" for n, x in zip(names, leaves)
+             if n in tensors and tuple(tensors[n].shape) != tuple(x.shape)]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{weights_path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"wrong shapes {wrong[:5]}."
+        )
+    values = iter([jnp.asarray(tensors[n]) for n in names])
+    template_leaves, treedef = jax.tree_util.tree_flatten(skeleton)
+    model = jax.tree_util.tree_unflatten(
+        treedef, [next(values) if isinstance(leaf, jax.ShapeDtypeStruct) else leaf for leaf in template_leaves]
+    )
+    return model, config

@@ -1,0 +1,578 @@
+"""The training run behind `experiments/train_flow.py`: flags, their resolution, the loop.
+
+The flags mirror the Flax original's (`--dataset_name`, `--model.preset`,
+`--model.<field>`, `--wandb.<field>`, 0/1 integers for its booleans). `resolve` maps
+them onto the library's configs in one place: an explicit flag beats the preset,
+which beats the data set's default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import pathlib
+import signal
+import sys
+import time
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+
+from . import plots
+from .checkpoint import Checkpointer, CheckpointError, export_model, load_export
+from .config import PRESETS, DiTConfig, FlowConfig, OptimConfig, SamplerConfig
+from .data import load_dataset
+from .flow import interpolate
+from .nn.dit import DiT
+from .sampling import model_velocity, sample
+from .train import TrainState, TrainStep, make_optimizer
+
+DatasetName = Literal[
+    "digits", "cifar10", "cifar100", "tiny-imagenet", "imagefolder", "imagenet256", "imagenet128", "celebahq256",
+    "latents",
+]
+Preset = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetDefaults:
+    image_size: int
+    channels: int
+    num_classes: int
+    use_stable_vae: int
+    preset: str | None
+    batch_size: int
+    max_steps: int
+    log_interval: int
+    eval_interval: int
+    save_interval: int
+    cfg_scale: float
+    architecture: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+# The embedded default: small enough that training, compilation and evaluation take
+# under five minutes on a 2-core CPU.
+DIGITS_ARCHITECTURE = dict(hidden_size=96, depth=4, num_heads=4, patch_size=2, mlp_ratio=2.0)
+_LARGE = dict(max_steps=1_000_000, log_interval=1000, eval_interval=50_000, save_interval=200_000, cfg_scale=4.0)
+DATASETS: dict[str, DatasetDefaults] = {
+    "digits": DatasetDefaults(8, 1, 10, 0, None, 128, 6000, 100, 2000, 2000, 1.0, DIGITS_ARCHITECTURE),
+    "cifar10": DatasetDefaults(32, 3, 10, 0, "big", 128, **_LARGE),
+    "cifar100": DatasetDefaults(32, 3, 100, 0, "big", 128, **_LARGE),
+    "tiny-imagenet": DatasetDefaults(64, 3, 200, 0, "big", 64, **_LARGE),
+    "imagefolder": DatasetDefaults(64, 3, 1000, 0, "big", 64, **_LARGE),
+    "imagenet256": DatasetDefaults(256, 3, 1000, 1, "big", 256, **_LARGE),
+    "imagenet128": DatasetDefaults(128, 3, 1000, 1, "big", 256, **_LARGE),
+    "celebahq256": DatasetDefaults(256, 3, 1, 1, "big", 256, **_LARGE),
+    "latents": DatasetDefaults(256, 3, 1000, 1, "big", 256, **_LARGE),
+}
+
+
+@dataclasses.dataclass
+class ModelArgs:
+    """The original's `--model.*` dictionary, plus rfdit's additions."""
+
+    preset: Preset | None = None
+    """architecture preset; each data set has a default (digits: a small patch-2 DiT)"""
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.99
+    hidden_size: int | None = None
+    patch_size: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+    class_dropout_prob: float = 0.1
+    num_classes: int | None = None
+    """defaults to the data set's"""
+    denoise_timesteps: int = 32
+    """Euler steps (or steps of the chosen fixed-step solver) for samples"""
+    cfg_scale: float | None = None
+    """guidance scale for samples; the data set's default when unset (digits: 1.0)"""
+    target_update_rate: float = 0.9999
+    """EMA decay"""
+    ema_warmup: Literal[0, 1] = 1
+    """EMA decay min(rate, (1+n)/(10+n)); without it a short run's EMA stays near init"""
+    t_sampler: Literal["log-normal", "logit-normal", "uniform"] = "log-normal"
+    t_conditioning: Literal[0, 1] = 1
+    t_clip: Literal[0, 1] = 0
+    """the original's clip: x_t formed with min(t, 0.99)"""
+    use_stable_vae: Literal[0, 1] | None = None
+    """latent space through the SD VAE; 1 by default for imagenet*/celebahq256"""
+    vae_path: str | None = None
+    """a diffusers-format VAE folder or a Hub id (stabilityai/sd-vae-ft-ema)"""
+    solver: Literal["euler", "midpoint", "heun", "ralston", "tsit5", "dopri5", "dopri8"] = "euler"
+    time_scale: float = 1000.0
+    warmup_steps: int = 0
+    grad_clip: float | None = None
+    weight_decay: float = 0.0
+
+
+@dataclasses.dataclass
+class WandbArgs:
+    project: str = "flow"
+    name: str = "flow_{dataset_name}"
+    mode: Literal["online", "offline", "disabled"] = "disabled"
+    """wandb needs `pip install wandb`; offline works with no network"""
+
+
+@dataclasses.dataclass
+class TrainArgs:
+    """Train a rectified-flow DiT. With no flags: the embedded digits, a few minutes on a CPU."""
+
+    dataset_name: DatasetName = "digits"
+    dataset_path: str | None = None
+    image_size: int | None = None
+    batch_size: int | None = None
+    max_steps: int | None = None
+    seed: int = 0
+    log_interval: int | None = None
+    eval_interval: int | None = None
+    save_interval: int | None = None
+    save_dir: str | None = None
+    """output folder; default runs/<timestamp>"""
+    load_dir: str | None = None
+    """resume from a run folder (or its checkpoints/)"""
+    fid_stats: str | None = None
+    debug_overfit: Literal[0, 1] = 0
+    use_stable_vae: Literal[0, 1] | None = None
+    """the original's top-level spelling of --model.use_stable_vae"""
+    steps_per_call: int = 1
+    """training steps scanned inside one compiled call"""
+    keep_checkpoints: int = 3
+    num_samples: int = 1000
+    """EMA samples written to samples.npz at the end (spread evenly over classes)"""
+    dry_run: bool = False
+    """print the resolved configuration and exit"""
+    model: ModelArgs = dataclasses.field(default_factory=ModelArgs)
+    wandb: WandbArgs = dataclasses.field(default_factory=WandbArgs)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs, resolved from the flags."""
+
+    dataset_name: str
+    dataset_path: str | None
+    data_image_size: int
+    data_channels: int
+    batch_size: int
+    max_steps: int
+    seed: int
+    log_interval: int
+    eval_interval: int
+    save_interval: int
+    steps_per_call: int
+    keep_checkpoints: int
+    num_samples: int
+    debug_overfit: bool
+    use_stable_vae: bool
+    vae_path: str | None
+    fid_stats: str | None
+    model: DiTConfig
+    flow: FlowConfig
+    optim: OptimConfig
+    sampler: SamplerConfig
+    wandb: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in ("model", "flow", "optim", "sampler"):
+            out[name] = out[name].to_dict()
+        return out
+
+
+def resolve(args: TrainArgs) -> RunConfig:
+    """Map the flags onto the library's configs: flag > preset > data set default."""
+    defaults = DATASETS[args.dataset_name]
+    m = args.model
+    if args.use_stable_vae is not None and m.use_stable_vae is not None and args.use_stable_vae != m.use_stable_vae:
+        raise ValueError(
+            f"--use_stable_vae {args.use_stable_vae} contradicts --model.use_stable_vae {m.use_stable_vae}; give one."
+        )
+    vae_flag = m.use_stable_vae if m.use_stable_vae is not None else args.use_stable_vae
+    use_vae = bool(defaults.use_stable_vae if vae_flag is None else vae_flag)
+    data_size = args.image_size or defaults.image_size
+    image_size, channels = (data_size // 8, 4) if use_vae else (data_size, defaults.channels)
+    if args.dataset_name == "latents":
+        image_size, channels, use_vae = data_size // 8, 4, True
+
+    architecture = dict(defaults.architecture)
+    if m.preset is not None or not architecture:
+        architecture = dict(PRESETS[m.preset or defaults.preset])
+    explicit = {k: getattr(m, k) for k in ("hidden_size", "patch_size", "depth", "num_heads", "mlp_ratio")
+                if getattr(m, k) is not None}
+    model = DiTConfig(
+        **{**architecture, **explicit},
+        image_size=image_size,
+        in_channels=channels,
+        num_classes=m.num_classes or defaults.num_classes,
+        time_scale=m.time_scale,
+        t_conditioning=bool(m.t_conditioning),
+    )
+    flow = FlowConfig(t_sampler=m.t_sampler, class_dropout_prob=m.class_dropout_prob,
+                      t_clip_max=0.99 if m.t_clip else None)
+    optim = OptimConfig(lr=m.lr, beta1=m.beta1, beta2=m.beta2, ema_decay=m.target_update_rate,
+                        ema_warmup=bool(m.ema_warmup), warmup_steps=m.warmup_steps, grad_clip=m.grad_clip,
+                        weight_decay=m.weight_decay)
+    sampler = SamplerConfig(solver=m.solver, num_steps=m.denoise_timesteps,
+                            cfg_scale=defaults.cfg_scale if m.cfg_scale is None else m.cfg_scale)
+    k = args.steps_per_call
+    intervals = {}
+    for name in ("log_interval", "eval_interval", "save_interval"):
+        value = getattr(args, name) or getattr(defaults, name)
+        intervals[name] = max(k, int(math.ceil(value / k)) * k)  # checkpoints fall on chunk boundaries
+    max_steps = args.max_steps if args.max_steps is not None else defaults.max_steps
+    if max_steps % k:
+        raise ValueError(f"max_steps (={max_steps}) must be a multiple of steps_per_call (={k}).")
+    return RunConfig(
+        dataset_name=args.dataset_name, dataset_path=args.dataset_path, data_image_size=data_size,
+        data_channels=defaults.channels, batch_size=args.batch_size or defaults.batch_size, max_steps=max_steps,
+        seed=args.seed, steps_per_call=k, keep_checkpoints=args.keep_checkpoints, num_samples=args.num_samples,
+        debug_overfit=bool(args.debug_overfit), use_stable_vae=use_vae, vae_path=m.vae_path,
+        fid_stats=args.fid_stats, model=model, flow=flow, optim=optim, sampler=sampler,
+        wandb={"project": args.wandb.project, "name": args.wandb.name.format(dataset_name=args.dataset_name),
+               "mode": args.wandb.mode},
+        **intervals,
+    )
+
+
+def parse_args(argv: list[str] | None) -> TrainArgs:
+    import tyro
+
+    return tyro.cli(TrainArgs, args=argv, use_underscores=True,
+                    description="Train a rectified-flow DiT (rfdit). The flags mirror the Flax original's.")
+
+
+class _StopRequested:
+    """SIGINT/SIGTERM set a flag; the loop saves at the next chunk boundary and exits."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class _Logger:
+    """metrics.jsonl always; wandb when asked for. Process 0 only."""
+
+    def __init__(self, run_dir: pathlib.Path, wandb_cfg: dict[str, str], config: dict[str, Any], enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.wandb = None
+        if enabled and wandb_cfg["mode"] != "disabled":
+            try:
+                import wandb
+            except ImportError as error:
+                raise ValueError(
+                    f"--wandb.mode {wandb_cfg['mode']} needs wandb: `pip install wandb`, or use --wandb.mode disabled."
+                ) from error
+            self.wandb = wandb.init(project=wandb_cfg["project"], name=wandb_cfg["name"], mode=wandb_cfg["mode"],
+                                    config=config, dir=str(run_dir))
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _plain(v) for k, v in values.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _plain(value):
+    if isinstance(value, (np.generic, np.ndarray, jax.Array)):
+        value = np.asarray(value)
+        return value.item() if value.ndim == 0 else value.tolist()
+    return value
+
+
+def _class_labels(num: int, num_classes: int) -> np.ndarray:
+    return (np.arange(num) % num_classes).astype(np.int32)
+
+
+class Evaluation:
+    """Pictures and figures at eval intervals and at the end of a run."""
+
+    def __init__(self, run: RunConfig, run_dir: pathlib.Path, data, decode=None):
+        self.run, self.dir, self.data = run, run_dir, data
+        self.grid_dir = run_dir / "grids"
+        self.decode = decode or (lambda x: x)
+        self.rows = min(run.model.num_classes, 10)
+        self.cols = 10
+        shape = (self.rows * self.cols, run.model.image_size, run.model.image_size, run.model.in_channels)
+        self.noise = jr.normal(jr.key(1234), shape)
+        self.labels = jnp.asarray(np.repeat(np.arange(self.rows), self.cols).astype(np.int32))
+        self.evaluator = None
+        if run.dataset_name == "digits" and not run.use_stable_vae:
+            from .metrics.digits import DigitsEvaluator
+
+            self.evaluator = DigitsEvaluator()
+
+    def images(self, x) -> np.ndarray:
+        return np.asarray(self.decode(x))
+
+    def grids(self, model, step: int) -> None:
+        cfg_scales = sorted({0.0, 1.0, self.run.sampler.cfg_scale})
+        step_counts = sorted({1, 4, self.run.sampler.num_steps})
+        for scale in cfg_scales:
+            for n in step_counts:
+                x, _ = sample(model, self.noise, self.labels, cfg_scale=jnp.asarray(scale), solver="euler",
+                              num_steps=n)
+                images = self.images(x).reshape(self.rows, self.cols, *self.images(x).shape[1:])
+                plots.save_grid(images, self.grid_dir / f"step{step:07d}_cfg{scale:g}_steps{n}.png",
+                                scale=max(1, 64 // images.shape[2]))
+
+    def reconstructions(self, model, step: int) -> None:
+        """One-step denoising: x̂1 = x_t + (1 - t)·v(x_t, t), at several t."""
+        count = min(10, len(self.data.eval_images))
+        x1 = jnp.asarray(self.data.eval_images[:count])
+        y = jnp.asarray(self.data.eval_labels[:count])
+        if self.run.use_stable_vae and x1.shape[-1] != self.run.model.in_channels:
+            return  # latents of held-out images need the encoder; skipped for latent runs
+        x0 = jr.normal(jr.key(99), x1.shape)
+        rows = [self.images(x1)]
+        for t in (0.1, 0.3, 0.5, 0.7, 0.9):
+            xt, v = _noisy_and_velocity(model, x0, x1, y, jnp.asarray(t, jnp.float32))
+            rows += [self.images(xt), self.images(xt + (1 - t) * v)]
+        plots.save_grid(np.stack(rows), self.grid_dir / f"step{step:07d}_reconstructions.png",
+                        scale=max(1, 64 // x1.shape[1]))
+
+    def loss_by_t(self, model, step: int) -> dict[str, float]:
+        count = min(256, len(self.data.eval_images))
+        x1 = jnp.asarray(self.data.eval_images[:count])
+        y = jnp.asarray(self.data.eval_labels[:count])
+        if self.run.use_stable_vae and x1.shape[-1] != self.run.model.in_channels:
+            return {}
+        x0 = jr.normal(jr.key(42), x1.shape)
+        ts = np.round(np.linspace(0.0, 1.0, 11), 2)
+        losses = {}
+        for t in ts:
+            _, v = _noisy_and_velocity(model, x0, x1, y, jnp.asarray(t, jnp.float32))
+            losses[f"loss_t/{t:.1f}"] = float(jnp.mean(jnp.square(v - (x1 - x0))))
+        plots.bar_plot([f"{t:.1f}" for t in ts], list(losses.values()), self.grid_dir / f"step{step:07d}_loss_by_t.png",
+                       xlabel="t (0 = noise, 1 = data)", ylabel="velocity MSE", title=f"EMA model, step {step}")
+        return losses
+
+    def generate(self, model, num: int, *, key) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """`num` samples spread evenly over the classes, with the run's default sampler."""
+        labels = _class_labels(num, self.run.model.num_classes)
+        s = self.run.sampler
+        shape = (self.run.model.image_size, self.run.model.image_size, self.run.model.in_channels)
+        # the grids' batch size, so the final sampler reuses the grids' compiled solve
+        out, nfe, batch = [], 0, len(self.labels)
+        for i, start in enumerate(range(0, num, batch)):
+            y = jnp.asarray(np.resize(labels[start : start + batch], batch))  # pad the last batch
+            noise = jr.normal(jr.fold_in(key, i), (batch, *shape))
+            x, stats = sample(model, noise, y, cfg_scale=jnp.asarray(s.cfg_scale), solver=s.solver,
+                              num_steps=s.num_steps)
+            out.append(self.images(x)[: min(batch, num - start)])
+            nfe = int(stats["nfe"])
+        return np.concatenate(out), labels, {"nfe": nfe, "solver": s.solver, "num_steps": s.num_steps,
+                                             "cfg_scale": s.cfg_scale}
+
+    def figures(self, model, num: int, *, key) -> dict[str, float]:
+        if self.evaluator is None:
+            return {}
+        images, labels, _ = self.generate(model, num, key=key)
+        return {f"eval/{k}": v for k, v in self.evaluator.evaluate(images, labels).items()}
+
+
+@eqx.filter_jit
+def _noisy_and_velocity(model, x0, x1, y, t):
+    """x_t at one time t for a batch, and the model's velocity there."""
+    tt = jnp.full((x1.shape[0],), t)
+    xt = jax.vmap(interpolate)(x0, x1, tt)
+    return xt, jax.vmap(lambda a, b, c: model_velocity(model, a, b, c))(xt, tt, y)
+
+
+def _run_dir(save_dir: str | None) -> pathlib.Path:
+    if save_dir is None:
+        save_dir = pathlib.Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = pathlib.Path(save_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _checkpoint_dir(load_dir: str) -> pathlib.Path:
+    path = pathlib.Path(load_dir)
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def load_model(path: str | pathlib.Path) -> tuple[DiT, dict[str, Any]]:
+    """The EMA model of a run folder, a checkpoints/ folder or an export folder, and its config."""
+    path = pathlib.Path(path)
+    if (path / "model.safetensors").is_file():
+        return load_export(path)
+    if (path / "export" / "model.safetensors").is_file() and not (path / "checkpoints").is_dir():
+        return load_export(path / "export")
+    ckpt_dir = _checkpoint_dir(str(path))
+    checkpointer = Checkpointer(ckpt_dir, read_only=True)
+    _, meta = checkpointer.read_meta()
+    cfg = DiTConfig.from_dict(meta["run"]["model"])
+    template = DiT(cfg, key=jr.key(0))
+    optimizer = make_optimizer(OptimConfig.from_dict(meta["run"]["optim"]))
+    with jax.numpy_dtype_promotion("standard"):
+        state = TrainState.create(template, optimizer, key=jr.key(0))
+    state, meta = checkpointer.restore(state)
+    return state.ema, {"model": meta["run"]["model"], **meta["run"]}
+
+
+def train(args: TrainArgs) -> dict[str, Any]:
+    """Run training as configured; returns a summary (and writes the run folder)."""
+    run = resolve(args)
+    if args.dry_run:
+        print(json.dumps(run.to_dict(), indent=2))
+        return {"config": run.to_dict()}
+    is_main = jax.process_index() == 0
+    run_dir = _run_dir(args.save_dir)
+    key = jr.key(run.seed)
+    model_key, state_key, sample_key = jr.split(key, 3)
+    optimizer = make_optimizer(run.optim)
+    with jax.numpy_dtype_promotion("standard"):
+        state = TrainState.create(DiT(run.model, key=model_key), optimizer, key=state_key)
+
+    start_step = 0
+    checkpointer = Checkpointer(run_dir / "checkpoints", max_to_keep=run.keep_checkpoints)
+    if args.load_dir is not None:
+        source = Checkpointer(_checkpoint_dir(args.load_dir), read_only=True)
+        step, meta = source.read_meta()
+        saved_model = meta.get("run", {}).get("model")
+        if saved_model != run.model.to_dict():
+            raise CheckpointError(
+                f"the checkpoint in {args.load_dir} was made for model {saved_model}; this run resolves to "
+                f"{run.model.to_dict()}. Pass the same flags as the saved run (see its config.json)."
+            )
+        state, meta = source.restore(state)
+        start_step = int(meta["data_step"])
+        print(f"resumed from {source.directory} at step {start_step}")
+    if is_main:
+        (run_dir / "config.json").write_text(json.dumps(run.to_dict(), indent=2))
+
+    data = load_dataset(run.dataset_name, batch_size=run.batch_size, seed=run.seed, path=run.dataset_path,
+                        process_index=jax.process_index(), process_count=jax.process_count(),
+                        debug_overfit=run.debug_overfit)
+    if (data.image_size, data.channels) != (run.model.image_size, run.model.in_channels) and not run.use_stable_vae:
+        raise ValueError(
+            f"the data set gives {data.image_size}×{data.image_size}×{data.channels} images but the model expects "
+            f"{run.model.image_size}×{run.model.image_size}×{run.model.in_channels}; check --image_size."
+        )
+    step_fn = TrainStep(optimizer, run.flow, run.optim, num_classes=run.model.num_classes,
+                        steps_per_call=run.steps_per_call)
+    logger = _Logger(run_dir, run.wandb, run.to_dict(), is_main)
+    evaluation = Evaluation(run, run_dir, data)
+    if evaluation.evaluator is not None and is_main:
+        (run_dir / "eval_references.json").write_text(json.dumps(evaluation.evaluator.references, indent=2))
+
+    def save(step: int) -> None:
+        checkpointer.save(step, state, {"run": run.to_dict(), "data_step": step})
+
+    from tqdm.auto import tqdm
+
+    from .data import Prefetcher
+
+    k = run.steps_per_call
+    batches = Prefetcher(data.batches(start_step), depth=2 * k)
+    step = start_step
+    pending: list[dict[str, jax.Array]] = []
+    interval_start, interval_steps = time.perf_counter(), 0
+    progress = tqdm(total=run.max_steps, initial=start_step, desc="train", dynamic_ncols=True,
+                    disable=not is_main, mininterval=0.5 if sys.stderr.isatty() else 10.0)
+    stopped = None
+    try:
+        with _StopRequested() as stop:
+            while step < run.max_steps:
+                chunk = [next(batches) for _ in range(k)]
+                images = np.stack([c[0] for c in chunk]) if k > 1 else chunk[0][0]
+                labels = np.stack([c[1] for c in chunk]) if k > 1 else chunk[0][1]
+                state, metrics = step_fn(state, jnp.asarray(images), jnp.asarray(labels))
+                pending.append(metrics)
+                step += k
+                interval_steps += k
+                progress.update(k)
+                if step % run.log_interval == 0 or step == run.max_steps:
+                    values = {name: float(np.mean([np.mean(np.asarray(m[name])) for m in pending]))
+                              for name in pending[0]}
+                    elapsed = time.perf_counter() - interval_start
+                    values["img_per_s"] = interval_steps * run.batch_size / elapsed
+                    pending, interval_start, interval_steps = [], time.perf_counter(), 0
+                    logger.log(step, values)
+                    progress.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['img_per_s']:.0f}")
+                if step % run.eval_interval == 0 and step < run.max_steps and is_main:
+                    logger.log(step, evaluate(evaluation, state.ema, step, sample_key, num=500))
+                if step % run.save_interval == 0 and step < run.max_steps:
+                    save(step)
+                if stop.signal is not None:
+                    stopped = stop.signal
+                    break
+        save(step)
+    finally:
+        progress.close()
+        batches.close()
+    if stopped is not None:
+        print(f"stopped by signal {stopped} at step {step}; saved a checkpoint in {checkpointer.directory}")
+        logger.close()
+        return {"step": step, "run_dir": str(run_dir), "stopped": True}
+
+    summary: dict[str, Any] = {"step": step, "run_dir": str(run_dir)}
+    if is_main:
+        export_model(state.ema, run_dir / "export", {"run": run.to_dict(), "sampler": run.sampler.to_dict()})
+        final = evaluate(evaluation, state.ema, step, sample_key, num=0)
+        logger.log(step, final)
+        images, labels, info = evaluation.generate(state.ema, run.num_samples, key=jr.fold_in(sample_key, 7))
+        np.savez_compressed(run_dir / "samples.npz", images=images.astype(np.float32), labels=labels)
+        plots.loss_curve(run_dir / "metrics.jsonl", run_dir / "grids" / "loss_curve.png")
+        report: dict[str, Any] = {"step": step, "num_samples": len(images), "sampler": info, "model": "ema"}
+        if evaluation.evaluator is not None:
+            report.update(evaluation.evaluator.evaluate(images, labels))
+            report["references"] = evaluation.evaluator.references
+        (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
+        summary["eval"] = report
+        print(json.dumps({k: v for k, v in report.items() if k != "references"}, indent=2))
+        print(f"run folder: {run_dir}")
+    logger.close()
+    return summary
+
+
+def evaluate(evaluation: Evaluation, model, step: int, key, *, num: int) -> dict[str, Any]:
+    """Grids, reconstructions, loss by t, and (with `num` > 0) the evaluator's figures."""
+    evaluation.grids(model, step)
+    evaluation.reconstructions(model, step)
+    values: dict[str, Any] = dict(evaluation.loss_by_t(model, step))
+    if num:
+        values.update(evaluation.figures(model, num, key=jr.fold_in(key, step)))
+    return values
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return train(args)
+    except (ValueError, CheckpointError) as error:
+        if argv is not None:  # called in-process (tests): let the caller see the exception
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,5 +1,9 @@
 """Neural network modules (Equinox, channels-last)."""
 
 from .dit import DiT, DiTBlock, count_params, sincos_pos_embed, timestep_features, with_compute_dtype
+from .inception import InceptionV3, convert_inception_weights, load_inception
 
-__all__ = ["DiT", "DiTBlock", "count_params", "sincos_pos_embed", "timestep_features", "with_compute_dtype"]
+__all__ = [
+    "DiT", "DiTBlock", "InceptionV3", "convert_inception_weights", "count_params", "load_inception",
+    "sincos_pos_embed", "timestep_features", "with_compute_dtype",
+]

@@ -127,6 +127,9 @@ class TrainArgs:
 
     dataset_name: DatasetName = "digits"
     dataset_path: str | None = None
+    """a local copy: Hub-layout parquet shards or a saved `datasets` folder, an image folder, or latents"""
+    tfds_data_dir: str | None = None
+    """TFDS data dir holding prepared imagenet256/celebahq256 builds"""
     image_size: int | None = None
     batch_size: int | None = None
     max_steps: int | None = None
@@ -159,6 +162,7 @@ class RunConfig:
 
     dataset_name: str
     dataset_path: str | None
+    tfds_data_dir: str | None
     data_image_size: int
     data_channels: int
     batch_size: int
@@ -231,7 +235,8 @@ def resolve(args: TrainArgs) -> RunConfig:
     if max_steps % k:
         raise ValueError(f"max_steps (={max_steps}) must be a multiple of steps_per_call (={k}).")
     return RunConfig(
-        dataset_name=args.dataset_name, dataset_path=args.dataset_path, data_image_size=data_size,
+        dataset_name=args.dataset_name, dataset_path=args.dataset_path, tfds_data_dir=args.tfds_data_dir,
+        data_image_size=data_size,
         data_channels=defaults.channels, batch_size=args.batch_size or defaults.batch_size, max_steps=max_steps,
         seed=args.seed, steps_per_call=k, keep_checkpoints=args.keep_checkpoints, num_samples=args.num_samples,
         debug_overfit=bool(args.debug_overfit), use_stable_vae=use_vae, vae_path=m.vae_path,
@@ -473,6 +478,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
         (run_dir / "config.json").write_text(json.dumps(run.to_dict(), indent=2))
 
     data = load_dataset(run.dataset_name, batch_size=run.batch_size, seed=run.seed, path=run.dataset_path,
+                        image_size=run.data_image_size, tfds_data_dir=run.tfds_data_dir,
                         process_index=jax.process_index(), process_count=jax.process_count(),
                         debug_overfit=run.debug_overfit)
     if (data.image_size, data.channels) != (run.model.image_size, run.model.in_channels) and not run.use_stable_vae:

@@ -2,8 +2,10 @@
 
 from .dit import DiT, DiTBlock, count_params, sincos_pos_embed, timestep_features, with_compute_dtype
 from .inception import InceptionV3, convert_inception_weights, load_inception
+from .vae import AutoencoderKL, StableVAE, VAEConfig, load_diffusers_weights
 
 __all__ = [
+    "AutoencoderKL", "StableVAE", "VAEConfig", "load_diffusers_weights",
     "DiT", "DiTBlock", "InceptionV3", "convert_inception_weights", "count_params", "load_inception",
     "sincos_pos_embed", "timestep_features", "with_compute_dtype",
 ]

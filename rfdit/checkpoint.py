@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+from jaxtyping import PyTree
 
 from .config import DiTConfig
 from .nn.dit import DiT
@@ -55,6 +56,14 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or made for another configuration."""
 
 
+def _unreadable(step: int, directory: pathlib.Path, error: Exception) -> CheckpointError:
+    detail = str(error).split("[tensorstore_spec")[0][:400]
+    return CheckpointError(
+        f"checkpoint {step} in {directory} is unreadable ({type(error).__name__}: {detail}); it may be corrupt or "
+        "incomplete. Delete it to fall back to an earlier one, or pass another --load_dir."
+    )
+
+
 class Checkpointer:
     """Save and restore complete training states under `directory` with Orbax."""
 
@@ -73,7 +82,7 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: eqx.Module, meta: dict[str, Any]) -> None:
+    def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> None:
         """Save `state` (any pytree of arrays) at `step` with JSON metadata; blocks until written."""
         ocp = self._ocp
         names, leaves = _flatten(state)
@@ -93,13 +102,19 @@ class Checkpointer:
         try:
             meta = self.manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))
         except Exception as error:  # orbax raises many kinds of errors for damaged files
-            raise CheckpointError(
-                f"checkpoint {step} in {self.directory} is unreadable ({type(error).__name__}: {error}); it may be "
-                "corrupt or incomplete. Delete it to fall back to an earlier one, or pass another --load_dir."
-            ) from error
+            raise _unreadable(step, self.directory, error) from error
         return step, dict(meta["meta"])
 
-    def restore(self, template: eqx.Module, step: int | None = None) -> tuple[eqx.Module, dict[str, Any]]:
+    def restore_named(self, step: int | None = None) -> dict[str, np.ndarray]:
+        """Every saved array by its pytree path, without a template (for inspection)."""
+        step, meta = self.read_meta(step)
+        try:
+            arrays = self.manager.restore(step, args=self._ocp.args.Composite(arrays=self._ocp.args.StandardRestore()))
+        except Exception as error:
+            raise _unreadable(step, self.directory, error) from error
+        return {name: np.asarray(arrays["arrays"][f"leaf_{i:05d}"]) for i, name in enumerate(meta["leaf_names"])}
+
+    def restore(self, template: PyTree, step: int | None = None) -> tuple[PyTree, dict[str, Any]]:
         """Restore into the structure of `template` (its shapes, dtypes and shardings)."""
         step, meta = self.read_meta(step)
         names, leaves = _flatten(template)
@@ -123,10 +138,7 @@ class Checkpointer:
                 step, args=self._ocp.args.Composite(arrays=self._ocp.args.StandardRestore(abstract))
             )["arrays"]
         except Exception as error:
-            raise CheckpointError(
-                f"checkpoint {step} in {self.directory} is unreadable ({type(error).__name__}: {error}); it may be "
-                "corrupt or incomplete. Delete it to fall back to an earlier one, or pass another --load_dir."
-            ) from error
+            raise _unreadable(step, self.directory, error) from error
         new_leaves = iter([restored[f"leaf_{i:05d}"] for i in range(len(leaves))])
         template_leaves, treedef = jax.tree_util.tree_flatten(template)
         out = []
@@ -142,6 +154,12 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def export_model(model: DiT, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> pathlib.Path:

@@ -54,6 +54,7 @@ class DatasetDefaults:
     save_interval: int
     cfg_scale: float
     architecture: dict[str, Any] = dataclasses.field(default_factory=dict)
+    steps_per_call: int = 1
 
 
 # The embedded default: small enough that training, compilation and evaluation take
@@ -61,7 +62,8 @@ class DatasetDefaults:
 DIGITS_ARCHITECTURE = dict(hidden_size=96, depth=4, num_heads=4, patch_size=2, mlp_ratio=2.0)
 _LARGE = dict(max_steps=1_000_000, log_interval=1000, eval_interval=50_000, save_interval=200_000, cfg_scale=4.0)
 DATASETS: dict[str, DatasetDefaults] = {
-    "digits": DatasetDefaults(8, 1, 10, 0, None, 128, 6000, 100, 2000, 2000, 1.0, DIGITS_ARCHITECTURE),
+    "digits": DatasetDefaults(8, 1, 10, 0, None, 128, 6000, 100, 2000, 2000, 1.0, DIGITS_ARCHITECTURE,
+                              steps_per_call=10),
     "cifar10": DatasetDefaults(32, 3, 10, 0, "big", 128, **_LARGE),
     "cifar100": DatasetDefaults(32, 3, 100, 0, "big", 128, **_LARGE),
     "tiny-imagenet": DatasetDefaults(64, 3, 200, 0, "big", 64, **_LARGE),
@@ -145,11 +147,12 @@ class TrainArgs:
     debug_overfit: Literal[0, 1] = 0
     use_stable_vae: Literal[0, 1] | None = None
     """the original's top-level spelling of --model.use_stable_vae"""
-    steps_per_call: int = 1
-    """training steps scanned inside one compiled call"""
+    steps_per_call: int | None = None
+    """training steps scanned inside one compiled call (digits: 10; others: 1)"""
     keep_checkpoints: int = 3
     num_samples: int = 1000
-    """EMA samples written to samples.npz at the end (spread evenly over classes)"""
+    """EMA samples written to samples.npz at the end (spread evenly over classes); 0 skips the final
+    grids, samples and evaluation"""
     dry_run: bool = False
     """print the resolved configuration and exit"""
     model: ModelArgs = dataclasses.field(default_factory=ModelArgs)
@@ -226,7 +229,7 @@ def resolve(args: TrainArgs) -> RunConfig:
                         weight_decay=m.weight_decay)
     sampler = SamplerConfig(solver=m.solver, num_steps=m.denoise_timesteps,
                             cfg_scale=defaults.cfg_scale if m.cfg_scale is None else m.cfg_scale)
-    k = args.steps_per_call
+    k = args.steps_per_call or defaults.steps_per_call
     intervals = {}
     for name in ("log_interval", "eval_interval", "save_interval"):
         value = getattr(args, name) or getattr(defaults, name)
@@ -435,14 +438,14 @@ def load_model(path: str | pathlib.Path) -> tuple[DiT, dict[str, Any]]:
     if (path / "export" / "model.safetensors").is_file() and not (path / "checkpoints").is_dir():
         return load_export(path / "export")
     ckpt_dir = _checkpoint_dir(str(path))
-    checkpointer = Checkpointer(ckpt_dir, read_only=True)
-    _, meta = checkpointer.read_meta()
-    cfg = DiTConfig.from_dict(meta["run"]["model"])
-    template = DiT(cfg, key=jr.key(0))
-    optimizer = make_optimizer(OptimConfig.from_dict(meta["run"]["optim"]))
-    with jax.numpy_dtype_promotion("standard"):
-        state = TrainState.create(template, optimizer, key=jr.key(0))
-    state, meta = checkpointer.restore(state)
+    with Checkpointer(ckpt_dir, read_only=True) as checkpointer:
+        _, meta = checkpointer.read_meta()
+        cfg = DiTConfig.from_dict(meta["run"]["model"])
+        template = DiT(cfg, key=jr.key(0))
+        optimizer = make_optimizer(OptimConfig.from_dict(meta["run"]["optim"]))
+        with jax.numpy_dtype_promotion("standard"):
+            state = TrainState.create(template, optimizer, key=jr.key(0))
+        state, meta = checkpointer.restore(state)
     return state.ema, {"model": meta["run"]["model"], **meta["run"]}
 
 
@@ -460,20 +463,24 @@ def train(args: TrainArgs) -> dict[str, Any]:
     with jax.numpy_dtype_promotion("standard"):
         state = TrainState.create(DiT(run.model, key=model_key), optimizer, key=state_key)
 
+    with Checkpointer(run_dir / "checkpoints", max_to_keep=run.keep_checkpoints) as checkpointer:
+        return _train(args, run, run_dir, state, optimizer, checkpointer, sample_key, is_main)
+
+
+def _train(args, run, run_dir, state, optimizer, checkpointer, sample_key, is_main) -> dict[str, Any]:
     start_step = 0
-    checkpointer = Checkpointer(run_dir / "checkpoints", max_to_keep=run.keep_checkpoints)
     if args.load_dir is not None:
-        source = Checkpointer(_checkpoint_dir(args.load_dir), read_only=True)
-        step, meta = source.read_meta()
-        saved_model = meta.get("run", {}).get("model")
-        if saved_model != run.model.to_dict():
-            raise CheckpointError(
-                f"the checkpoint in {args.load_dir} was made for model {saved_model}; this run resolves to "
-                f"{run.model.to_dict()}. Pass the same flags as the saved run (see its config.json)."
-            )
-        state, meta = source.restore(state)
+        with Checkpointer(_checkpoint_dir(args.load_dir), read_only=True) as source:
+            step, meta = source.read_meta()
+            saved_model = meta.get("run", {}).get("model")
+            if saved_model != run.model.to_dict():
+                raise CheckpointError(
+                    f"the checkpoint in {args.load_dir} was made for model {saved_model}; this run resolves to "
+                    f"{run.model.to_dict()}. Pass the same flags as the saved run (see its config.json)."
+                )
+            state, meta = source.restore(state)
         start_step = int(meta["data_step"])
-        print(f"resumed from {source.directory} at step {start_step}")
+        print(f"resumed from {_checkpoint_dir(args.load_dir)} at step {start_step}")
     if is_main:
         (run_dir / "config.json").write_text(json.dumps(run.to_dict(), indent=2))
 
@@ -546,6 +553,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
     summary: dict[str, Any] = {"step": step, "run_dir": str(run_dir)}
     if is_main:
         export_model(state.ema, run_dir / "export", {"run": run.to_dict(), "sampler": run.sampler.to_dict()})
+    if is_main and run.num_samples > 0:
         final = evaluate(evaluation, state.ema, step, sample_key, num=0)
         logger.log(step, final)
         images, labels, info = evaluation.generate(state.ema, run.num_samples, key=jr.fold_in(sample_key, 7))

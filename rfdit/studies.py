@@ -1,0 +1,624 @@
+"""Sampling studies: what each ODE solver's accuracy and sample quality cost, on a trained model.
+
+`run_study(StudyConfig(load_dir=..., out=...))` (behind `experiments/sampling_study.py`)
+samples the same noise and labels with every setting of a grid: fixed-step solvers at
+several step counts (uniform or shifted time grids), adaptive solvers at several
+tolerances, optionally several cfg scales and a guidance interval. For each it records
+
+- `nfe`: velocity-field evaluations per sample (a guided evaluation is one pass of 2B);
+- `seconds_per_sample`: wall time of the compiled solve (compilation excluded) / samples;
+- `rms_error`: RMS over all pixels of the difference to a reference solution from the same
+  noise (dopri8 at rtol = atol = 1e-7, every sample stepping on its own, the ODE state and
+  the solver's arithmetic in float64; the DiT itself computes in float32, which sets the
+  reference's floor, measured against a 10× tighter solve on a subset);
+- quality: the digits evaluator's `class_acc`, `fd_feat`, `precision`, `recall` for digits
+  models, and `fid` when reference statistics are given (`fid_stats`).
+
+It also reproduces the Flax original's table shape (quality against 500/100/20/5/1 Euler
+steps) and compares batch adaptive stepping (the batch is one ODE state with one step
+size) with per-sample stepping (each sample its own steps, vmapped).
+
+Outputs in `out`: study.csv, study.json, study.md (the tables), error_vs_nfe.png and
+quality_vs_nfe.png (log-log, one line per solver).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import json
+import math
+import os
+import pathlib
+import platform
+import time
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+
+from .sampling import SOLVERS, evaluations_per_step, guided_field, solve, time_grid
+
+SolverName = Literal["euler", "midpoint", "heun", "ralston", "tsit5", "dopri5", "dopri8"]
+
+COLUMNS = (
+    "solver", "num_steps", "rtol", "atol", "nfe", "seconds_per_sample", "rms_error",
+    "class_acc", "fd_feat", "precision", "recall", "fid",
+    "section", "cfg_scale", "time_shift", "guidance_interval", "stepping", "nfe_max", "compile_seconds",
+    "num_failed",
+)
+QUALITY = ("class_acc", "fd_feat", "precision", "recall", "fid")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """A sampling study of one checkpoint.
+
+    The grid is cfg_scales × time_shifts × {full guidance, guidance interval} × (fixed-step
+    solvers × steps ∪ adaptive solvers × tolerances). Time shifts apply to fixed steps only.
+    """
+
+    load_dir: str
+    """a run folder, its checkpoints/ folder, or an export folder"""
+    out: str
+    """output folder (study.csv, study.json, study.md, plots)"""
+    solvers: tuple[SolverName, ...] = ("euler", "midpoint", "heun", "ralston", "tsit5", "dopri5", "dopri8")
+    """solvers of the grid"""
+    steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 500)
+    """step counts for every solver (fixed steps; Euler only steps this way)"""
+    tolerances: tuple[float, ...] = (1e-2, 1e-3, 1e-4, 1e-5)
+    """adaptive tolerances for every solver but Euler: rtol = atol = tolerance unless --atol is given"""
+    atol: float | None = None
+    """one absolute tolerance for all adaptive rows; the tolerances then set rtol only"""
+    num_samples: int = 500
+    """samples per setting, labels spread evenly over the classes; the same noise for every setting"""
+    batch_size: int = 500
+    """samples per compiled solve (the last batch is padded)"""
+    cfg_scales: tuple[float, ...] | None = None
+    """guidance scales (1: plain conditional); default the run's sampler cfg_scale"""
+    time_shifts: tuple[float, ...] = (1.0,)
+    """resolution shifts of the fixed-step time grid (1: uniform; s > 1: more steps near noise)"""
+    guidance_interval: tuple[float, float] | None = None
+    """also run every cfg_scale != 1 with guidance applied only for t in [lo, hi]"""
+    max_nfe: int | None = 2000
+    """skip fixed-step settings that would cost more evaluations per sample than this"""
+    max_steps: int = 4096
+    """adaptive step budget per solve"""
+    table_steps: tuple[int, ...] = (500, 100, 20, 5, 1)
+    """Euler step counts of the original's table (quality against denoising steps)"""
+    stepping_solvers: tuple[SolverName, ...] = ("dopri5",)
+    """adaptive solvers compared with batch and per-sample stepping, at every tolerance"""
+    reference_solver: SolverName = "dopri8"
+    """the reference solution's solver (float64 state, per-sample steps)"""
+    reference_tol: float = 1e-7
+    """the reference's rtol = atol"""
+    reference_check_samples: int = 50
+    """samples re-solved at reference_tol / 10 to measure the reference's own error (0: skip)"""
+    fid_stats: str | None = None
+    """reference statistics (.npz with mu, sigma) for FID; needs the Inception weights"""
+    inception_weights: str | None = None
+    """the FID Inception's weights (default: rfdit.nn.inception's search)"""
+    seed: int = 0
+    """the noise's seed"""
+    plots: bool = True
+
+    def __post_init__(self):
+        unknown = [s for s in (*self.solvers, *self.stepping_solvers, self.reference_solver) if s not in SOLVERS]
+        if unknown:
+            raise ValueError(f"unknown solvers {unknown}; valid solvers: {list(SOLVERS)}.")
+        if "euler" in self.stepping_solvers or self.reference_solver == "euler":
+            raise ValueError("euler has no error estimate: it can be neither a stepping solver nor the reference.")
+        if any(n < 1 for n in (*self.steps, *self.table_steps)):
+            raise ValueError(f"step counts must be >= 1; got steps={self.steps}, table_steps={self.table_steps}.")
+        if any(not tol > 0 for tol in (*self.tolerances, self.reference_tol)) or (self.atol is not None
+                                                                                and not self.atol > 0):
+            raise ValueError(f"tolerances must be positive; got {self.tolerances}, atol={self.atol}.")
+        if self.num_samples < 2 or self.batch_size < 1:
+            raise ValueError(f"num_samples (={self.num_samples}) must be >= 2 and batch_size (={self.batch_size}) >= 1.")
+        if any(not s > 0 for s in self.time_shifts):
+            raise ValueError(f"time_shifts (={self.time_shifts}) must be positive.")
+        if self.guidance_interval is not None:
+            lo, hi = self.guidance_interval
+            if not 0.0 <= lo <= hi <= 1.0:
+                raise ValueError(f"guidance_interval (={self.guidance_interval}) must be (lo, hi) with 0 <= lo <= hi <= 1.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One way to sample: a solver with steps or tolerances, a guidance and a stepping mode."""
+
+    solver: str
+    num_steps: int | None = None
+    rtol: float | None = None
+    atol: float | None = None
+    time_shift: float = 1.0
+    cfg_scale: float = 1.0
+    guidance_interval: tuple[float, float] | None = None
+    per_sample: bool = False
+    max_steps: int = 4096
+
+    @property
+    def adaptive(self) -> bool:
+        return self.num_steps is None
+
+    def expected_nfe(self) -> int | None:
+        if self.adaptive:
+            return None
+        per_step, at_start = evaluations_per_step(self.solver)
+        return per_step * self.num_steps + at_start
+
+    def solve_kwargs(self) -> dict[str, Any]:
+        if self.adaptive:
+            return dict(solver=self.solver, rtol=self.rtol, atol=self.atol, max_steps=self.max_steps)
+        if self.time_shift != 1.0:
+            return dict(solver=self.solver, ts=tuple(float(t) for t in time_grid(self.num_steps, self.time_shift)))
+        return dict(solver=self.solver, num_steps=self.num_steps)
+
+    def field_key(self) -> tuple[float, tuple[float, float] | None]:
+        return self.cfg_scale, self.guidance_interval
+
+
+def _solve_batch(params, noise, labels, scale, *, static, setting: Setting):
+    model = eqx.combine(params, static)
+    kwargs = setting.solve_kwargs()
+    guided = setting.cfg_scale != 1.0
+
+    def solve_state(x, y):
+        field = guided_field(model, y, scale if guided else None, guidance_interval=setting.guidance_interval)
+        return solve(field, x, **kwargs)
+
+    if setting.per_sample:
+        x1, stats = jax.vmap(lambda x, y: solve_state(x[None], y[None]))(noise, labels)
+        return x1[:, 0], stats["nfe"], stats["result"]
+    x1, stats = solve_state(noise, labels)
+    batch = labels.shape[0]
+    return x1, jnp.broadcast_to(stats["nfe"], (batch,)), jnp.broadcast_to(stats["result"], (batch,))
+
+
+class _Sampler:
+    """Compiled solves of one model over fixed noise and labels; timings exclude compilation."""
+
+    def __init__(self, model, noise: np.ndarray, labels: np.ndarray, batch_size: int):
+        self.params, self.static = eqx.partition(model, eqx.is_array)
+        self.noise, self.labels = noise, labels
+        self.batch_size = batch_size
+        self._compiled: dict[tuple, Any] = {}
+
+    def run(self, setting: Setting, *, count: int | None = None, x64: bool = False) -> dict[str, Any]:
+        """Images (count, H, W, C), per-sample NFE and result codes, wall and compile seconds."""
+        count = len(self.labels) if count is None else count
+        batch = min(self.batch_size, count)
+        dtype = jnp.float64 if x64 else jnp.float32
+        # "standard" promotion: the reference's float64 state meets the DiT's float32 parameters.
+        with jax.enable_x64(x64), jax.numpy_dtype_promotion("standard"):
+            scale = jnp.asarray(setting.cfg_scale, dtype)
+            key = (setting, x64, batch)
+            compile_seconds = 0.0
+            if key not in self._compiled:
+                fn = jax.jit(lambda p, x, y, s: _solve_batch(p, x, y, s, static=self.static, setting=setting))
+                start = time.perf_counter()
+                example = (self.params, jnp.zeros((batch, *self.noise.shape[1:]), dtype),
+                           jnp.zeros((batch,), jnp.int32), scale)
+                self._compiled[key] = fn.lower(*example).compile()
+                compile_seconds = time.perf_counter() - start
+            compiled = self._compiled[key]
+            images, nfe, results, seconds = [], [], [], 0.0
+            for start_index in range(0, count, batch):
+                size = min(batch, count - start_index)
+                take = np.resize(np.arange(start_index, start_index + size), batch)  # pad the last batch
+                noise, labels = jnp.asarray(self.noise[take], dtype), jnp.asarray(self.labels[take])
+                start = time.perf_counter()
+                x, n, r = jax.block_until_ready(compiled(self.params, noise, labels, scale))
+                seconds += time.perf_counter() - start
+                images.append(np.asarray(x)[:size])
+                nfe.append(np.asarray(n)[:size])
+                results.append(np.asarray(r)[:size])
+        return {"images": np.concatenate(images), "nfe": np.concatenate(nfe), "result": np.concatenate(results),
+                "seconds": seconds, "compile_seconds": compile_seconds}
+
+
+def _rms(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(np.asarray(a, np.float64) - np.asarray(b, np.float64)))))
+
+
+class _Quality:
+    """The digits evaluator (digits models) and FID (with reference statistics)."""
+
+    def __init__(self, digits: bool, fid_stats: str | None, inception_weights: str | None):
+        self.evaluator = None
+        if digits:
+            from .metrics.digits import DigitsEvaluator
+
+            self.evaluator = DigitsEvaluator()
+        self.fid = None
+        if fid_stats is not None:
+            from .metrics.fid import fid_inception, load_statistics
+
+            self.fid = (fid_inception(inception_weights), *load_statistics(fid_stats))
+
+    def __call__(self, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if not np.isfinite(images).all():
+            return out
+        if self.evaluator is not None:
+            out.update(self.evaluator.evaluate(images, labels))
+        if self.fid is not None:
+            from .metrics.fid import compute_statistics, frechet_distance
+
+            feature_fn, ref_mu, ref_sigma = self.fid
+            rgb = np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+            if rgb.shape[-1] != 3:
+                raise ValueError(f"FID needs 1- or 3-channel images; got {rgb.shape[-1]} channels (decode latents).")
+            batches = (rgb[i : i + 100] for i in range(0, len(rgb), 100))
+            mu, sigma = compute_statistics(feature_fn, batches, progress=False)
+            out["fid"] = float(frechet_distance(mu, sigma, ref_mu, ref_sigma))
+        return out
+
+
+def _is_digits(config: dict[str, Any]) -> bool:
+    run = config.get("run", config)
+    model = config["model"]
+    if run.get("dataset_name") is not None:
+        return run["dataset_name"] == "digits" and not run.get("use_stable_vae", False)
+    return (model["image_size"], model["in_channels"], model["num_classes"]) == (8, 1, 10)
+
+
+def machine_info() -> dict[str, Any]:
+    device = jax.devices()[0]
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "device": f"{device.platform}:{device.device_kind}",
+        "device_count": jax.device_count(),
+    }
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, tuple):
+        return " ".join(f"{v:g}" for v in value)
+    return str(value)
+
+
+def run_study(cfg: StudyConfig, *, command: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run the study configured by `cfg`; writes its files into `cfg.out` and returns study.json's content."""
+    from .experiment import load_model
+
+    out = pathlib.Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, config = load_model(cfg.load_dir)
+    mcfg = model.config
+    cfg_scales = cfg.cfg_scales
+    if cfg_scales is None:
+        cfg_scales = (float(config.get("sampler", {}).get("cfg_scale", 1.0)),)
+    labels = (np.arange(cfg.num_samples) % mcfg.num_classes).astype(np.int32)
+    shape = (mcfg.image_size, mcfg.image_size, mcfg.in_channels)
+    noise = np.asarray(jr.normal(jr.key(cfg.seed), (cfg.num_samples, *shape), jnp.float32))
+    sampler = _Sampler(model, noise, labels, cfg.batch_size)
+    quality = _Quality(_is_digits(config), cfg.fid_stats, cfg.inception_weights)
+    log = print if progress else (lambda *a, **k: None)
+
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    done: dict[Setting, dict[str, Any]] = {}
+    references: dict[tuple, dict[str, Any]] = {}
+
+    def reference(field_key) -> dict[str, Any]:
+        if field_key in references:
+            return references[field_key]
+        scale, interval = field_key
+        setting = Setting(cfg.reference_solver, rtol=cfg.reference_tol, atol=cfg.reference_tol, cfg_scale=scale,
+                          guidance_interval=interval, per_sample=True, max_steps=16 * cfg.max_steps)
+        res = sampler.run(setting, x64=True)
+        check = None
+        if cfg.reference_check_samples:
+            tight = dataclasses.replace(setting, rtol=cfg.reference_tol / 10, atol=cfg.reference_tol / 10)
+            count = min(cfg.reference_check_samples, cfg.num_samples)
+            check = _rms(sampler.run(tight, count=count, x64=True)["images"], res["images"][:count])
+        row = _row(setting, res, None, quality(res["images"], labels), "reference")
+        row["rms_error_vs_tighter"] = check
+        row["float64_state"] = True
+        rows.append(row)
+        references[field_key] = {"images": res["images"], "row": row}
+        log(f"reference cfg={scale:g} interval={interval}: nfe {row['nfe']:.0f}, check rms {check}")
+        return references[field_key]
+
+    def measure(setting: Setting, section: str) -> dict[str, Any] | None:
+        if setting in done:
+            return done[setting]
+        nfe = setting.expected_nfe()
+        if cfg.max_nfe is not None and nfe is not None and nfe > cfg.max_nfe:
+            skipped.append({"solver": setting.solver, "num_steps": setting.num_steps, "nfe": nfe,
+                            "section": section, "why": f"nfe {nfe} > max_nfe {cfg.max_nfe}"})
+            return None
+        ref = reference(setting.field_key())
+        res = sampler.run(setting)
+        row = _row(setting, res, ref["images"], quality(res["images"], labels), section)
+        rows.append(row)
+        done[setting] = row
+        log(" ".join(f"{k}={_fmt(row[k])}" for k in ("section", "solver", "num_steps", "rtol", "time_shift",
+                                                       "cfg_scale", "guidance_interval", "stepping", "nfe",
+                                                       "rms_error", "fd_feat", "class_acc") if row.get(k) is not None))
+        return row
+
+    base_cfg = cfg_scales[0]
+    for scale in cfg_scales:
+        intervals = [None] + ([cfg.guidance_interval] if cfg.guidance_interval is not None and scale != 1.0 else [])
+        for interval in intervals:
+            for solver in cfg.solvers:
+                for shift in cfg.time_shifts:
+                    for n in cfg.steps:
+                        measure(Setting(solver, num_steps=n, time_shift=shift, cfg_scale=scale,
+                                        guidance_interval=interval), "grid")
+                if solver == "euler":
+                    continue
+                for tol in cfg.tolerances:
+                    measure(Setting(solver, rtol=tol, atol=tol if cfg.atol is None else cfg.atol, cfg_scale=scale,
+                                    guidance_interval=interval, max_steps=cfg.max_steps), "grid")
+
+    table = []
+    for n in cfg.table_steps:
+        row = measure(Setting("euler", num_steps=n, cfg_scale=base_cfg), "steps_table")
+        if row is not None:
+            table.append({k: row[k] for k in ("num_steps", "nfe", "rms_error", *QUALITY) if k in row})
+
+    stepping = []
+    for solver in cfg.stepping_solvers:
+        for tol in cfg.tolerances:
+            atol = tol if cfg.atol is None else cfg.atol
+            batch = measure(Setting(solver, rtol=tol, atol=atol, cfg_scale=base_cfg, max_steps=cfg.max_steps),
+                            "stepping")
+            each = measure(Setting(solver, rtol=tol, atol=atol, cfg_scale=base_cfg, per_sample=True,
+                                   max_steps=cfg.max_steps), "stepping")
+            stepping.append({"solver": solver, "rtol": tol, "atol": atol, "batch": _brief(batch),
+                             "per_sample": _brief(each)})
+
+    guidance = []
+    if cfg.guidance_interval is not None:
+        for row in rows:
+            if row["section"] == "grid" and row["guidance_interval"] is not None:
+                twin = [r for r in rows if r["section"] == "grid" and r["guidance_interval"] is None
+                        and all(r[k] == row[k] for k in ("solver", "num_steps", "rtol", "time_shift", "cfg_scale"))]
+                if twin:
+                    guidance.append({"solver": row["solver"], "num_steps": row["num_steps"], "rtol": row["rtol"],
+                                     "cfg_scale": row["cfg_scale"], "full": _brief(twin[0]),
+                                     "interval": _brief(row), "guidance_interval": row["guidance_interval"]})
+
+    result = {
+        "command": command,
+        "config": dataclasses.asdict(cfg),
+        "model": mcfg.to_dict(),
+        "machine": machine_info(),
+        "reference": {
+            "solver": cfg.reference_solver, "rtol": cfg.reference_tol, "atol": cfg.reference_tol,
+            "stepping": "per_sample", "state_dtype": "float64", "network_dtype": "float32",
+            "rows": [r for r in rows if r["section"] == "reference"],
+        },
+        "evaluator_references": quality.evaluator.references if quality.evaluator is not None else None,
+        "rows": rows,
+        "skipped": skipped,
+        "steps_table": table,
+        "stepping": stepping,
+        "stepping_recommendation": _stepping_recommendation(stepping),
+        "guidance": guidance,
+        "plots": [],
+    }
+    write_outputs(result, out, plots=cfg.plots)
+    return result
+
+
+def _row(setting: Setting, res: dict[str, Any], ref_images, figures: dict[str, float], section: str) -> dict[str, Any]:
+    num = len(res["nfe"])
+    failed = int(np.sum(res["result"] != 0))
+    row = {
+        "solver": setting.solver,
+        "num_steps": setting.num_steps,
+        "rtol": setting.rtol,
+        "atol": setting.atol,
+        "nfe": float(np.mean(res["nfe"])),
+        "seconds_per_sample": res["seconds"] / num,
+        "rms_error": None if ref_images is None else _rms(res["images"], ref_images),
+        **{k: figures.get(k) for k in QUALITY},
+        "section": section,
+        "cfg_scale": setting.cfg_scale,
+        "time_shift": setting.time_shift if not setting.adaptive else None,
+        "guidance_interval": setting.guidance_interval,
+        "stepping": ("per_sample" if setting.per_sample else "batch") if setting.adaptive else None,
+        "nfe_max": int(np.max(res["nfe"])),
+        "compile_seconds": res["compile_seconds"],
+        "num_failed": failed,
+    }
+    return row
+
+
+def _brief(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    return {k: row[k] for k in ("nfe", "nfe_max", "seconds_per_sample", "rms_error", *QUALITY, "num_failed")}
+
+
+def _stepping_recommendation(stepping: list[dict[str, Any]]) -> str | None:
+    pairs = [(s["batch"], s["per_sample"]) for s in stepping if s["batch"] and s["per_sample"]]
+    if not pairs:
+        return None
+    time_ratio = float(np.exp(np.mean([np.log(e["seconds_per_sample"] / b["seconds_per_sample"]) for b, e in pairs])))
+    nfe_ratio = float(np.exp(np.mean([np.log(e["nfe"] / b["nfe"]) for b, e in pairs])))
+    max_ratio = float(np.exp(np.mean([np.log(e["nfe_max"] / b["nfe"]) for b, e in pairs])))
+    default = "batch" if time_ratio >= 1.0 else "per_sample"
+    return (
+        f"per-sample stepping spends {nfe_ratio:.2f}x the batch's mean NFE per sample, its slowest sample "
+        f"{max_ratio:.2f}x, and takes {time_ratio:.2f}x the wall time (geometric means over tolerances); "
+        f"faster here: {default}."
+    )
+
+
+def write_outputs(result: dict[str, Any], out: pathlib.Path, *, plots: bool = True) -> None:
+    """study.csv, study.json, study.md and (with `plots`) the two log-log PNGs."""
+    rows = result["rows"]
+    columns = [c for c in COLUMNS if c != "fid" or any(r.get("fid") is not None for r in rows)]
+    with (out / "study.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([_fmt(row.get(c)) for c in columns])
+    if plots:
+        result["plots"] = [str(p) for p in plot_study(rows, out, result.get("evaluator_references"))]
+    (out / "study.json").write_text(json.dumps(result, indent=2, default=_json_default))
+    (out / "study.md").write_text(markdown_tables(result))
+
+
+def _json_default(value):
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if isinstance(value, pathlib.Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def _grid_rows(rows, cfg_scale=None):
+    grid = [r for r in rows if r["section"] == "grid" and r["guidance_interval"] is None]
+    if cfg_scale is None and grid:
+        cfg_scale = grid[0]["cfg_scale"]
+    return [r for r in grid if r["cfg_scale"] == cfg_scale]
+
+
+def _lines(rows):
+    """(label, style, rows sorted by NFE) per solver: fixed steps per time shift, then adaptive."""
+    solvers = list(dict.fromkeys(r["solver"] for r in rows))
+    shifts = sorted({r["time_shift"] for r in rows if r["time_shift"] is not None})
+    lines = []
+    for i, solver in enumerate(solvers):
+        colour = f"C{i}"
+        for shift in shifts:
+            sel = [r for r in rows if r["solver"] == solver and r["time_shift"] == shift]
+            label = solver if shift == 1.0 else f"{solver}, shift {shift:g}"
+            style = dict(color=colour, marker="o", ls="-" if shift == 1.0 else ":", ms=4)
+            lines.append((label, style, sorted(sel, key=lambda r: r["nfe"])))
+        sel = [r for r in rows if r["solver"] == solver and r["time_shift"] is None]
+        style = dict(color=colour, marker="s", ls="--", ms=5, mfc="none")
+        lines.append((f"{solver} (adaptive)", style, sorted(sel, key=lambda r: r["nfe"])))
+    return [line for line in lines if line[2]]
+
+
+def plot_study(rows, out: pathlib.Path, evaluator_references=None) -> list[pathlib.Path]:
+    """error_vs_nfe.png and (with quality figures) quality_vs_nfe.png, log-log, one line per solver."""
+    from .plots import _pyplot
+
+    plt = _pyplot()
+    grid = _grid_rows(rows)
+    if not grid:
+        return []
+    paths = []
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for label, style, sel in _lines(grid):
+        pts = [(r["nfe"], r["rms_error"]) for r in sel if r["rms_error"] is not None and r["rms_error"] > 0]
+        if pts:
+            ax.plot(*zip(*pts), label=label, **style)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE per sample")
+    ax.set_ylabel("RMS error vs dopri8 at 1e-7")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path = out / "error_vs_nfe.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    paths.append(path)
+
+    if any(r.get("fd_feat") is not None for r in grid) or any(r.get("fid") is not None for r in grid):
+        metric = "fid" if any(r.get("fid") is not None for r in grid) else "fd_feat"
+        panels = [metric] + (["class_acc"] if any(r.get("class_acc") is not None for r in grid) else [])
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+        for ax, name in zip(axes[0], panels):
+            for label, style, sel in _lines(grid):
+                pts = [(r["nfe"], r[name]) for r in sel if r.get(name) is not None and r[name] > 0]
+                if pts:
+                    ax.plot(*zip(*pts), label=label, **style)
+            ref = [r for r in rows if r["section"] == "reference" and r["guidance_interval"] is None
+                   and r["cfg_scale"] == grid[0]["cfg_scale"] and r.get(name) is not None]
+            if ref:
+                ax.axhline(ref[0][name], color="k", lw=1, label="reference solution")
+            if evaluator_references and name in ("fd_feat", "class_acc"):
+                ax.axhline(evaluator_references["real_train"][name], color="grey", ls="-.", lw=1,
+                           label="real training digits")
+                ax.axhline(evaluator_references["gaussian_per_class"][name], color="grey", ls=":", lw=1,
+                           label="per-class Gaussian")
+            ax.set_xscale("log")
+            if name != "class_acc":
+                ax.set_yscale("log")
+            ax.set_xlabel("NFE per sample")
+            ax.set_ylabel(name)
+            ax.grid(alpha=0.3, which="both")
+        axes[0][0].legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        path = out / "quality_vs_nfe.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _md_table(header: list[str], body: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" ---: " for _ in header) + "|"]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if value == 0 or 1e-3 <= abs(value) < 1e4:
+            return f"{value:.4g}"
+        return f"{value:.2e}"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(f"{v:g}" for v in value) + "]"
+    return str(value)
+
+
+def markdown_tables(result: dict[str, Any]) -> str:
+    """The study's tables in Markdown: the grid, the original's table, stepping, guidance."""
+    rows = result["rows"]
+    has_fid = any(r.get("fid") is not None for r in rows)
+    q = ["class_acc", "fd_feat", "precision", "recall"] + (["fid"] if has_fid else [])
+    head = ["section", "solver", "steps", "shift", "rtol", "cfg", "interval", "stepping", "NFE", "max NFE",
+            "ms/sample", "RMS error", *q]
+    body = [[r["section"], r["solver"], r["num_steps"], r["time_shift"], r["rtol"], r["cfg_scale"],
+             r["guidance_interval"], r["stepping"], r["nfe"], r["nfe_max"], 1e3 * r["seconds_per_sample"],
+             r["rms_error"], *[r.get(k) for k in q]] for r in rows]
+    parts = ["## All settings\n", _md_table(head, body)]
+    if result["steps_table"]:
+        parts += ["\n\n## Quality against Euler steps (the original's table shape)\n",
+                  _md_table(["Euler steps", "RMS error", *q],
+                            [[t["num_steps"], t["rms_error"], *[t.get(k) for k in q]] for t in result["steps_table"]])]
+    if result["stepping"]:
+        body = []
+        for s in result["stepping"]:
+            for mode in ("batch", "per_sample"):
+                r = s[mode]
+                if r is not None:
+                    body.append([s["solver"], s["rtol"], mode, r["nfe"], r["nfe_max"], 1e3 * r["seconds_per_sample"],
+                                 r["rms_error"], r["num_failed"]])
+        parts += ["\n\n## Batch against per-sample adaptive stepping\n",
+                  _md_table(["solver", "rtol", "stepping", "mean NFE", "max NFE", "ms/sample", "RMS error",
+                             "failed"], body)]
+        if result.get("stepping_recommendation"):
+            parts.append("\n\n" + result["stepping_recommendation"])
+    if result["guidance"]:
+        body = [[g["solver"], g["num_steps"], g["rtol"], g["cfg_scale"], mode,
+                 g["guidance_interval"] if mode == "interval" else None, *[g[mode].get(k) for k in q]]
+                for g in result["guidance"] for mode in ("full", "interval")]
+        parts += ["\n\n## Guidance interval\n",
+                  _md_table(["solver", "steps", "rtol", "cfg", "guidance", "interval", *q], body)]
+    return "".join(parts) + "\n"

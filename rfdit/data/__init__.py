@@ -151,6 +151,8 @@ def load_dataset(
         num_workers: decoding threads (default: the CPU count, at most 16).
         prefetch: global batches decoded ahead, besides the one being consumed.
     """
+    if shuffle_buffer < 1:
+        raise ValueError(f"shuffle_buffer (={shuffle_buffer}) must be at least 1 (1 keeps the stream's order).")
     if name == "digits":
         split = load_digits_split()
         images, labels = split["train_images"], split["train_labels"]

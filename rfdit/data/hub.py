@@ -12,6 +12,7 @@ column is read undecoded and decoded by the pipeline's threads, the same code fo
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import pathlib
 import socket
@@ -21,7 +22,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from .pipeline import RandomAccessSource
+from .pipeline import RandomAccessSource, buffer_shuffle
 
 SPLIT_NAMES = ("train", "test", "valid", "validation")
 
@@ -207,16 +208,13 @@ def open_local(path: str | os.PathLike, spec: HubSpec) -> dict[str, ArrowSource]
 
 @dataclasses.dataclass
 class Stream:
-    """A streamed split: records in a seeded order per epoch, and its length."""
+    """A streamed split: records in a seeded order per epoch (shards permuted, then a shuffle
+    buffer, both from `default_rng([seed, epoch])`), and its length."""
 
     open_epoch: Callable[[int], Iterator[tuple[object, int]]]
     num_examples: int
     where: str
     first: Callable[[int], list[tuple[object, int]]]  # the first n records, in the stream's own order
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return int(np.random.default_rng([seed, epoch]).integers(2**31 - 1))
 
 
 def open_stream(spec: HubSpec, split: str, *, path: str | os.PathLike | None, seed: int, buffer_size: int) -> Stream:
@@ -258,6 +256,8 @@ def open_stream(spec: HubSpec, split: str, *, path: str | os.PathLike | None, se
     if num_examples is None:
         num_examples = sum(1 for _ in ds.select_columns([spec.label_column]))
 
+    num_shards = int(getattr(ds, "num_shards", None) or getattr(ds, "n_shards", 1) or 1)
+
     def rows(iterable) -> Iterator[tuple[object, int]]:
         iterator = iter(iterable)
         try:
@@ -268,16 +268,18 @@ def open_stream(spec: HubSpec, split: str, *, path: str | os.PathLike | None, se
             if close is not None:
                 close()
 
+    def in_order(shards: np.ndarray) -> Iterator[tuple[object, int]]:
+        for index in shards:
+            yield from rows(ds if num_shards == 1 else ds.shard(num_shards=num_shards, index=int(index)))
+
     def open_epoch(epoch: int) -> Iterator[tuple[object, int]]:
-        return rows(ds.shuffle(seed=_epoch_seed(seed, epoch), buffer_size=buffer_size))
+        # Our own shuffle over unshuffled shard streams: the order is ours, whatever the
+        # `datasets` version (its buffer algorithm has changed between versions).
+        rng = np.random.default_rng([seed, epoch])
+        return buffer_shuffle(in_order(rng.permutation(num_shards)), buffer_size, rng)
 
     def first(n: int) -> list[tuple[object, int]]:
-        out = []
-        for record in rows(ds):  # an unshuffled stream closes at once
-            if len(out) == n:
-                break
-            out.append(record)
-        return out
+        return list(itertools.islice(in_order(np.arange(num_shards)), n))
 
     return Stream(open_epoch, num_examples, where, first)
 

@@ -381,6 +381,29 @@ class DecodedBatches(_DecodingBatches):
                                lambda slot, indices=indices: int(indices[slot]), self._flips(step))
 
 
+def buffer_shuffle(records: Iterator, buffer_size: int, rng: np.random.Generator) -> Iterator:
+    """Shuffle a stream through a buffer of `buffer_size` records; deterministic given `rng`.
+
+    Once the buffer is full, each incoming record swaps with a uniformly chosen buffered one,
+    which is emitted; at the end the rest comes out in a random order.
+    """
+    buffer: list = []
+    try:
+        for record in records:
+            if len(buffer) < buffer_size:
+                buffer.append(record)
+                continue
+            slot = int(rng.integers(buffer_size))
+            buffer[slot], record = record, buffer[slot]
+            yield record
+        for slot in rng.permutation(len(buffer)):
+            yield buffer[slot]
+    finally:
+        close = getattr(records, "close", None)
+        if close is not None:
+            close()
+
+
 def _close_in_background(iterator: object) -> None:
     """Close a half-read iterator without waiting (`datasets` sleeps seconds while closing a shuffled stream)."""
     close = getattr(iterator, "close", None)

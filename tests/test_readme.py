@@ -1,0 +1,26 @@
+import pathlib
+import re
+
+import jax
+
+README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+
+
+def python_blocks():
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_readme_snippet_runs_as_written(capsys):
+    snippet = python_blocks()[0]
+    assert len([line for line in snippet.splitlines() if line.strip()]) <= 11  # the import line plus ten
+    with jax.numpy_dtype_promotion("standard"):  # as a user runs it, without the suite's strict promotion
+        exec(compile(snippet, str(README), "exec"), {})
+    loss, nfe_euler, nfe_dopri5 = capsys.readouterr().out.split()
+    assert float(loss) > 0 and int(nfe_euler) == 32 and int(nfe_dopri5) > 0
+
+
+def test_readme_commands_are_the_documented_ones():
+    text = README.read_text()
+    assert "pip install -e . && python experiments/train_flow.py" in text
+    assert "pip install -e '.[test]' && pytest" in text
+    assert "pip install -e '.[test]' && pytest" in (README.parent / ".ci" / "run").read_text()

@@ -202,7 +202,9 @@ def load_export(directory: str | os.PathLike) -> tuple[DiT, dict[str, Any]]:
     except Exception as error:
         raise CheckpointError(f"{weights_path} is unreadable ({error}); it may be corrupt.") from error
     skeleton = eqx.filter_eval_shape(DiT, cfg, key=jr.key(0))
-    names, leaves = _flatten(skeleton)
+    flat = [(_leaf_name(p), x) for p, x in jax.tree_util.tree_flatten_with_path(skeleton)[0]
+            if isinstance(x, jax.ShapeDtypeStruct)]
+    names, leaves = [n for n, _ in flat], [x for _, x in flat]
     missing = [n for n in names if n not in tensors]
     unexpected = sorted(set(tensors) - set(names))
     wrong = [f"{n}: {tensors[n].shape} vs {tuple(x.shape)}" for n, x in zip(names, leaves)

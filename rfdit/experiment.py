@@ -28,6 +28,7 @@ from . import plots
 from .checkpoint import Checkpointer, CheckpointError, export_model, load_export
 from .config import PRESETS, DiTConfig, FlowConfig, OptimConfig, SamplerConfig
 from .data import load_dataset
+from .data.latents import LatentBatches, read_latents_meta
 from .flow import interpolate
 from .nn.dit import DiT
 from .sampling import model_velocity, sample
@@ -38,6 +39,7 @@ DatasetName = Literal[
     "latents",
 ]
 Preset = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
+DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +109,7 @@ class ModelArgs:
     use_stable_vae: Literal[0, 1] | None = None
     """latent space through the SD VAE; 1 by default for imagenet*/celebahq256"""
     vae_path: str | None = None
-    """a diffusers-format VAE folder or a Hub id (stabilityai/sd-vae-ft-ema)"""
+    """a diffusers-format VAE folder or a Hub id; default stabilityai/sd-vae-ft-mse (the original's)"""
     solver: Literal["euler", "midpoint", "heun", "ralston", "tsit5", "dopri5", "dopri8"] = "euler"
     time_scale: float = 1000.0
     warmup_steps: int = 0
@@ -206,8 +208,16 @@ def resolve(args: TrainArgs) -> RunConfig:
     use_vae = bool(defaults.use_stable_vae if vae_flag is None else vae_flag)
     data_size = args.image_size or defaults.image_size
     image_size, channels = (data_size // 8, 4) if use_vae else (data_size, defaults.channels)
+    num_classes, vae_path = defaults.num_classes, m.vae_path
     if args.dataset_name == "latents":
-        image_size, channels, use_vae = data_size // 8, 4, True
+        if args.dataset_path is None:
+            raise ValueError("--dataset_name latents needs --dataset_path: a folder written by extract_latents.py.")
+        meta = read_latents_meta(args.dataset_path)
+        use_vae, data_size, num_classes = True, meta["image_size"], meta["num_classes"]
+        image_size, _, channels = meta["latent_shape"]
+        vae_path = vae_path or meta.get("vae_path")
+    elif use_vae:
+        vae_path = vae_path or DEFAULT_VAE
 
     architecture = dict(defaults.architecture)
     if m.preset is not None or not architecture:
@@ -218,7 +228,7 @@ def resolve(args: TrainArgs) -> RunConfig:
         **{**architecture, **explicit},
         image_size=image_size,
         in_channels=channels,
-        num_classes=m.num_classes or defaults.num_classes,
+        num_classes=m.num_classes or num_classes,
         time_scale=m.time_scale,
         t_conditioning=bool(m.t_conditioning),
     )
@@ -242,7 +252,7 @@ def resolve(args: TrainArgs) -> RunConfig:
         data_image_size=data_size,
         data_channels=defaults.channels, batch_size=args.batch_size or defaults.batch_size, max_steps=max_steps,
         seed=args.seed, steps_per_call=k, keep_checkpoints=args.keep_checkpoints, num_samples=args.num_samples,
-        debug_overfit=bool(args.debug_overfit), use_stable_vae=use_vae, vae_path=m.vae_path,
+        debug_overfit=bool(args.debug_overfit), use_stable_vae=use_vae, vae_path=vae_path,
         fid_stats=args.fid_stats, model=model, flow=flow, optim=optim, sampler=sampler,
         wandb={"project": args.wandb.project, "name": args.wandb.name.format(dataset_name=args.dataset_name),
                "mode": args.wandb.mode},
@@ -325,10 +335,15 @@ def _class_labels(num: int, num_classes: int) -> np.ndarray:
 class Evaluation:
     """Pictures and figures at eval intervals and at the end of a run."""
 
-    def __init__(self, run: RunConfig, run_dir: pathlib.Path, data, decode=None):
+    def __init__(self, run: RunConfig, run_dir: pathlib.Path, data, vae=None):
         self.run, self.dir, self.data = run, run_dir, data
         self.grid_dir = run_dir / "grids"
-        self.decode = decode or (lambda x: x)
+        self.decode = vae.decode if vae is not None else (lambda x: x)
+        # held-out examples in the model's space (latents for a latent model), for reconstructions and losses
+        count = min(256, len(data.eval_images))
+        self.eval_x1, self.eval_labels = np.asarray(data.eval_images[:count]), np.asarray(data.eval_labels[:count])
+        if vae is not None and self.eval_x1.shape[-1] != run.model.in_channels:
+            self.eval_x1 = np.asarray(vae.encode(jnp.asarray(self.eval_x1)))
         self.rows = min(run.model.num_classes, 10)
         self.cols = 10
         shape = (self.rows * self.cols, run.model.image_size, run.model.image_size, run.model.in_channels)
@@ -356,25 +371,18 @@ class Evaluation:
 
     def reconstructions(self, model, step: int) -> None:
         """One-step denoising: x̂1 = x_t + (1 - t)·v(x_t, t), at several t."""
-        count = min(10, len(self.data.eval_images))
-        x1 = jnp.asarray(self.data.eval_images[:count])
-        y = jnp.asarray(self.data.eval_labels[:count])
-        if self.run.use_stable_vae and x1.shape[-1] != self.run.model.in_channels:
-            return  # latents of held-out images need the encoder; skipped for latent runs
+        count = min(10, len(self.eval_x1))
+        x1, y = jnp.asarray(self.eval_x1[:count]), jnp.asarray(self.eval_labels[:count])
         x0 = jr.normal(jr.key(99), x1.shape)
         rows = [self.images(x1)]
         for t in (0.1, 0.3, 0.5, 0.7, 0.9):
             xt, v = _noisy_and_velocity(model, x0, x1, y, jnp.asarray(t, jnp.float32))
             rows += [self.images(xt), self.images(xt + (1 - t) * v)]
         plots.save_grid(np.stack(rows), self.grid_dir / f"step{step:07d}_reconstructions.png",
-                        scale=max(1, 64 // x1.shape[1]))
+                        scale=max(1, 64 // rows[0].shape[1]))
 
     def loss_by_t(self, model, step: int) -> dict[str, float]:
-        count = min(256, len(self.data.eval_images))
-        x1 = jnp.asarray(self.data.eval_images[:count])
-        y = jnp.asarray(self.data.eval_labels[:count])
-        if self.run.use_stable_vae and x1.shape[-1] != self.run.model.in_channels:
-            return {}
+        x1, y = jnp.asarray(self.eval_x1), jnp.asarray(self.eval_labels)
         x0 = jr.normal(jr.key(42), x1.shape)
         ts = np.round(np.linspace(0.0, 1.0, 11), 2)
         losses = {}
@@ -467,6 +475,52 @@ def train(args: TrainArgs) -> dict[str, Any]:
         return _train(args, run, run_dir, state, optimizer, checkpointer, sample_key, is_main)
 
 
+def _load_data(run: RunConfig):
+    common = dict(seed=run.seed, process_index=jax.process_index(), process_count=jax.process_count())
+    if run.dataset_name == "latents":
+        from .data import Dataset
+
+        batches = LatentBatches(run.dataset_path, run.batch_size, **common)
+        eval_count = min(256, len(batches.labels))
+        return Dataset("latents", run.model.image_size, run.model.in_channels, run.model.num_classes, batches,
+                       np.asarray(batches.mean[:eval_count], np.float32), np.asarray(batches.labels[:eval_count]))
+    return load_dataset(run.dataset_name, batch_size=run.batch_size, path=run.dataset_path,
+                        image_size=run.data_image_size, tfds_data_dir=run.tfds_data_dir,
+                        debug_overfit=run.debug_overfit, **common)
+
+
+def _load_vae(run: RunConfig):
+    if not run.use_stable_vae:
+        return None
+    from .nn.vae import StableVAE
+
+    return StableVAE.from_pretrained(run.vae_path)
+
+
+def _model_space(run: RunConfig, vae):
+    """Host batches -> what the flow model trains on: pixels, fresh VAE latents, or a draw from stored ones.
+
+    The randomness is a function of (seed, step), so a resumed run draws the same latents.
+    """
+    latent_key = jr.fold_in(jr.key(run.seed), 0x1A7E)
+    if run.dataset_name == "latents":
+        @jax.jit
+        def draw(stacked, step):
+            mean, std = jnp.split(stacked, 2, axis=-1)
+            return mean + std * jr.normal(jr.fold_in(latent_key, step), mean.shape)
+
+        return lambda images, step: draw(images, step)
+    if vae is None:
+        return lambda images, step: images
+
+    def encode(images, step):
+        flat = images.reshape(-1, *images.shape[-3:])
+        latents = vae.encode(flat, key=jr.fold_in(latent_key, step))
+        return latents.reshape(*images.shape[:-3], *latents.shape[1:])
+
+    return encode
+
+
 def _train(args, run, run_dir, state, optimizer, checkpointer, sample_key, is_main) -> dict[str, Any]:
     start_step = 0
     if args.load_dir is not None:
@@ -484,10 +538,9 @@ def _train(args, run, run_dir, state, optimizer, checkpointer, sample_key, is_ma
     if is_main:
         (run_dir / "config.json").write_text(json.dumps(run.to_dict(), indent=2))
 
-    data = load_dataset(run.dataset_name, batch_size=run.batch_size, seed=run.seed, path=run.dataset_path,
-                        image_size=run.data_image_size, tfds_data_dir=run.tfds_data_dir,
-                        process_index=jax.process_index(), process_count=jax.process_count(),
-                        debug_overfit=run.debug_overfit)
+    data = _load_data(run)
+    vae = _load_vae(run)
+    to_model_space = _model_space(run, vae)
     if (data.image_size, data.channels) != (run.model.image_size, run.model.in_channels) and not run.use_stable_vae:
         raise ValueError(
             f"the data set gives {data.image_size}×{data.image_size}×{data.channels} images but the model expects "
@@ -496,7 +549,7 @@ def _train(args, run, run_dir, state, optimizer, checkpointer, sample_key, is_ma
     step_fn = TrainStep(optimizer, run.flow, run.optim, num_classes=run.model.num_classes,
                         steps_per_call=run.steps_per_call)
     logger = _Logger(run_dir, run.wandb, run.to_dict(), is_main)
-    evaluation = Evaluation(run, run_dir, data)
+    evaluation = Evaluation(run, run_dir, data, vae)
     if evaluation.evaluator is not None and is_main:
         (run_dir / "eval_references.json").write_text(json.dumps(evaluation.evaluator.references, indent=2))
 
@@ -521,7 +574,8 @@ def _train(args, run, run_dir, state, optimizer, checkpointer, sample_key, is_ma
                 chunk = [next(batches) for _ in range(k)]
                 images = np.stack([c[0] for c in chunk]) if k > 1 else chunk[0][0]
                 labels = np.stack([c[1] for c in chunk]) if k > 1 else chunk[0][1]
-                state, metrics = step_fn(state, jnp.asarray(images), jnp.asarray(labels))
+                images = to_model_space(jnp.asarray(images), step)
+                state, metrics = step_fn(state, images, jnp.asarray(labels))
                 pending.append(metrics)
                 step += k
                 interval_steps += k

@@ -55,6 +55,12 @@ def flow_loss(
     Returns the loss and auxiliaries: per-example loss, t, and velocity magnitudes.
     Only the first C output channels are the velocity (a learn_sigma model has 2C).
     """
+    config = getattr(model, "config", None)
+    if getattr(config, "time_convention", "rfdit") != "rfdit":
+        raise ValueError(
+            f"flow_loss trains in rfdit's convention (t=0 noise, v = x1 - x0); this model was trained in the "
+            f"{config.time_convention!r} convention. Fine-tuning it would need its own objective."
+        )
     time_key, noise_key, label_key = jr.split(key, 3)
     batch = x1.shape[0]
     t = sample_time(time_key, (batch,), cfg)

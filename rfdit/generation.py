@@ -306,7 +306,7 @@ def generate_batches(
     def dispatch(start: int):
         indices = np.arange(start, start + batch_size)
         batch_labels = labels[np.minimum(indices, num - 1)]  # pad with the last label
-        noise = _noise(key, jnp.asarray(indices, jnp.uint32), shape)
+        noise = _noise(key, jnp.asarray(indices, jnp.int32), shape)
         y = jnp.asarray(batch_labels, jnp.int32)
         if sharded:
             noise, y = _shard_batch(noise), _shard_batch(y)

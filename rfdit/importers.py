@@ -13,27 +13,33 @@ REPA's legacy `decoder_blocks.N` keys are renumbered into `blocks.N`.
 Key mapping (PyTorch layout on the left; `i` is the block index, D the width, C the input
 channels, O the output channels, p the patch size, K the number of classes, hd = D / heads):
 
-| published key                                  | torch shape      | rfdit leaf                 | transform |
-| ---------------------------------------------- | ---------------- | -------------------------- | --------- |
-| `x_embedder.proj.weight` (a conv)              | (D, C, p, p)     | `patch_embed.weight`       | (O, I, kh, kw) -> (O, kh, kw, I) |
-| `x_embedder.proj.bias`                         | (D,)             | `patch_embed.bias`         | |
-| `pos_embed`                                    | (1, (H/p)², D)   | none: rfdit computes it    | checked against `sincos_pos_embed` |
-| `t_embedder.mlp.0.{weight,bias}`               | (D, 256), (D,)   | `t_fc1`                    | |
-| `t_embedder.mlp.2.{weight,bias}`               | (D, D), (D,)     | `t_fc2`                    | |
-| `y_embedder.embedding_table.weight`            | (K + 1, D)       | `label_table`              | row K is the null label |
-| `blocks.i.attn.qkv.{weight,bias}`              | (3D, D), (3D,)   | `blocks.qkv[i]`            | rows q, k, v; heads within each |
-| `blocks.i.attn.q_norm.{weight,bias}` (REPA)    | (hd,)            | `blocks.q_norm[i]`         | only with `qk_norm` |
-| `blocks.i.attn.k_norm.{weight,bias}` (REPA)    | (hd,)            | `blocks.k_norm[i]`         | only with `qk_norm` |
-| `blocks.i.attn.proj.{weight,bias}`             | (D, D), (D,)     | `blocks.proj[i]`           | |
-| `blocks.i.mlp.fc1.{weight,bias}`               | (4D, D), (4D,)   | `blocks.fc1[i]`            | |
-| `blocks.i.mlp.fc2.{weight,bias}`               | (D, 4D), (D,)    | `blocks.fc2[i]`            | |
-| `blocks.i.adaLN_modulation.1.{weight,bias}`    | (6D, D), (6D,)   | `blocks.modulation[i]`     | chunks shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp |
-| `final_layer.adaLN_modulation.1.{weight,bias}` | (2D, D), (2D,)   | `final_modulation`         | chunks shift, scale |
-| `final_layer.linear.{weight,bias}`             | (p²O, D), (p²O,) | `final_linear`             | rows ordered (p, q, c), c fastest |
-| `projectors.*` (REPA)                          |                  | ignored, and reported      | |
+| published key                               | torch shape    | rfdit leaf            | transform               |
+| ------------------------------------------- | -------------- | --------------------- | ----------------------- |
+| `x_embedder.proj.weight` (a conv)           | (D, C, p, p)   | `patch_embed.weight`  | to (D, p, p, C)         |
+| `x_embedder.proj.bias`                      | (D,)           | `patch_embed.bias`    |                         |
+| `pos_embed`                                 | (1, N, D)      | none: computed        | checked, see below      |
+| `t_embedder.mlp.0.{weight,bias}`            | (D, 256), (D,) | `t_fc1`               |                         |
+| `t_embedder.mlp.2.{weight,bias}`            | (D, D), (D,)   | `t_fc2`               |                         |
+| `y_embedder.embedding_table.weight`         | (K + 1, D)     | `label_table`         | row K: the null label   |
+| `blocks.i.attn.qkv.*`                       | (3D, D), (3D,) | `blocks.qkv[i]`       | rows q, k, v            |
+| `blocks.i.attn.{q,k}_norm.*` (REPA)         | (hd,)          | `blocks.{q,k}_norm[i]`| only with `qk_norm`     |
+| `blocks.i.attn.proj.*`                      | (D, D), (D,)   | `blocks.proj[i]`      |                         |
+| `blocks.i.mlp.fc1.*`                        | (4D, D), (4D,) | `blocks.fc1[i]`       |                         |
+| `blocks.i.mlp.fc2.*`                        | (D, 4D), (D,)  | `blocks.fc2[i]`       |                         |
+| `blocks.i.adaLN_modulation.1.*`             | (6D, D), (6D,) | `blocks.modulation[i]`| 6 chunks, DiT's order   |
+| `final_layer.adaLN_modulation.1.*`          | (2D, D), (2D,) | `final_modulation`    | shift, scale            |
+| `final_layer.linear.*`                      | (p²O, D)       | `final_linear`        | rows (p, q, c), c last  |
+| `projectors.*` (REPA)                       |                | ignored, reported     |                         |
 
-Both sides use the same orders (q/k/v rows, modulation chunks, the unpatchify order), so
-every matrix is copied as is; the per-block tensors are stacked along a leading depth axis.
+`*` is `weight` and `bias`; N = (H/p)² tokens. Both sides use the same orders (q, k, v
+rows with the heads inside each; the modulation chunks shift_msa, scale_msa, gate_msa,
+shift_mlp, scale_mlp, gate_mlp; the unpatchify order), so every matrix is copied as is and
+the per-block tensors are stacked along a leading depth axis.
+
+Position table. rfdit computes DiT's fixed 2-D sin-cos table; a stored `pos_embed` must
+match it to `POS_EMBED_ATOL`. SiT's and REPA's EMA also averages this frozen table, and in
+float32 decay + (1 - decay) != 1, so a published EMA table can be ~1.7e-4 smaller; the
+import accepts that and reports the largest difference. Another layout is refused.
 
 Output channels. SiT's models learn a variance (`learn_sigma`): O = 2C, and the final
 linear's rows interleave velocity and sigma per pixel, (p, q, c) with c fastest. The rows
@@ -117,9 +123,7 @@ _BLOCK_KEYS = (  # blocks.i.<published> -> blocks.<rfdit>[i]
 )
 _CONV_KEY = "x_embedder.proj.weight"
 _IGNORED_PREFIXES = {"repa": ("projectors.",), "sit": ()}  # REPA's alignment heads: training only
-# A stored table may differ from the computed one by EMA rounding: SiT's and REPA's EMA also
-# averages the frozen table, and float32 decay + (1 - decay) != 1 scales it by ~(1 - 1.7e-4).
-# A wrong table (another layout, h/w swapped) differs by O(1).
+# EMA rounding moves a stored table by ~1.7e-4 (module docstring); another layout moves it by O(1).
 POS_EMBED_ATOL = 1e-3
 _PRESET_SIZES = {name: PRESETS[name] for name in PRESETS if "/" in name}  # the DiT paper's S/B/L/XL presets
 
@@ -382,6 +386,9 @@ def _infer_config(
 
 def _check_pos_embed(stored: np.ndarray, cfg: DiTConfig, source: str) -> float:
     ours = sincos_pos_embed(cfg.hidden_size, cfg.image_size // cfg.patch_size)
+    if stored.size != ours.size:
+        raise ValueError(f"{source}: pos_embed has shape {stored.shape}; expected (1, {ours.shape[0]}, "
+                         f"{ours.shape[1]}).")
     stored = np.asarray(stored, np.float32).reshape(ours.shape)
     diff = float(np.max(np.abs(stored - ours)))
     if not diff <= POS_EMBED_ATOL:  # NaN fails too
@@ -416,8 +423,8 @@ def convert_state_dict(
     state = _strip_prefixes({str(k): v for k, v in state.items()})
     state = _renumber_legacy_blocks(state, notes)
     if format == "sit" and any(k.startswith("projectors.") for k in state):
-        raise ValueError(f"{source} holds REPA's projector weights (projectors.*); import it with "
-                             "format='repa' (REPA runs time the other way).")
+        raise ValueError(f"{source} holds REPA's projector weights (projectors.*); import it with format='repa' "
+                         "(REPA runs time the other way).")
     ignored = tuple(sorted(k for k in state if k.startswith(_IGNORED_PREFIXES[format])))
     state = {k: v for k, v in state.items() if k not in ignored}
     if format == "repa" and not ignored:
@@ -431,11 +438,11 @@ def convert_state_dict(
     pos_diff = _check_pos_embed(state["pos_embed"], cfg, source) if "pos_embed" in state else None
     if pos_diff is None:
         notes.append("no pos_embed stored; rfdit's fixed sin-cos table is used")
+    present = {k: v for k, v in state.items() if k != "pos_embed"}
 
     skeleton = eqx.filter_eval_shape(DiT, cfg, key=jr.key(0))
     expected = jax.eval_shape(published_state_dict, skeleton)
     expected.pop("pos_embed")
-    present = {k: v for k, v in state.items() if k != "pos_embed"}
     missing = sorted(set(expected) - set(present))
     unexpected = sorted(set(present) - set(expected))
     wrong = [f"{k} {present[k].shape} (expected {expected[k].shape})" for k in sorted(set(expected) & set(present))
@@ -445,6 +452,7 @@ def convert_state_dict(
             f"{source} does not fit the inferred {cfg}: missing {_few(missing)}; unexpected {_few(unexpected)}; "
             f"wrong shapes {_few(wrong, 3)}. Check --format, or pass num_heads / image_size."
         )
+    notes.extend(_finiteness_notes(present, cfg, source))
 
     def value_for(name: str) -> np.ndarray:
         for published, ours in _TOP_KEYS:
@@ -466,7 +474,6 @@ def convert_state_dict(
         else:
             values.append(leaf)
     model = jax.tree_util.tree_unflatten(treedef, values)
-    notes.extend(_finiteness_notes(present, cfg, source))
 
     report = ImportReport(
         format=format, source=source, weights=weights, config=cfg.to_dict(), num_heads_from=heads_from,

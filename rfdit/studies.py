@@ -391,7 +391,8 @@ def run_study(cfg: StudyConfig, *, command: str | None = None, progress: bool = 
                         and all(r[k] == row[k] for k in ("solver", "num_steps", "rtol", "time_shift", "cfg_scale"))]
                 if twin:
                     guidance.append({"solver": row["solver"], "num_steps": row["num_steps"], "rtol": row["rtol"],
-                                     "cfg_scale": row["cfg_scale"], "full": _brief(twin[0]),
+                                     "time_shift": row["time_shift"], "cfg_scale": row["cfg_scale"],
+                                     "full": _brief(twin[0]),
                                      "interval": _brief(row), "guidance_interval": row["guidance_interval"]})
 
     result = {
@@ -616,9 +617,11 @@ def markdown_tables(result: dict[str, Any]) -> str:
         if result.get("stepping_recommendation"):
             parts.append("\n\n" + result["stepping_recommendation"])
     if result["guidance"]:
-        body = [[g["solver"], g["num_steps"], g["rtol"], g["cfg_scale"], mode,
-                 g["guidance_interval"] if mode == "interval" else None, *[g[mode].get(k) for k in q]]
+        body = [[g["solver"], g["num_steps"], g["time_shift"], g["rtol"], g["cfg_scale"], mode,
+                 g["guidance_interval"] if mode == "interval" else None, g[mode]["rms_error"],
+                 *[g[mode].get(k) for k in q]]
                 for g in result["guidance"] for mode in ("full", "interval")]
         parts += ["\n\n## Guidance interval\n",
-                  _md_table(["solver", "steps", "rtol", "cfg", "guidance", "interval", *q], body)]
+                  _md_table(["solver", "steps", "shift", "rtol", "cfg", "guidance", "interval", "RMS error", *q],
+                            body)]
     return "".join(parts) + "\n"

@@ -91,13 +91,17 @@ def _zeros(out_features: int, in_features: int, dtype: str) -> Linear:
 
 
 class LayerNorm(eqx.Module):
-    """LayerNorm with an affine transform (used only by the optional q/k norm)."""
+    """LayerNorm with an affine transform (used only by the optional q/k norm).
+
+    eps is PyTorch's default (1e-5), as timm's q/k norm in REPA uses it.
+    """
 
     weight: Float[Array, " d"]
     bias: Float[Array, " d"]
+    eps: float = eqx.field(static=True, default=1e-5)
 
     def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
-        return _add_bias(_layer_norm(x, eps=1e-6) * self.weight.reshape((1,) * (x.ndim - 1) + self.weight.shape), self.bias)
+        return _add_bias(_layer_norm(x, eps=self.eps) * self.weight.reshape((1,) * (x.ndim - 1) + self.weight.shape), self.bias)
 
 
 class DiTBlock(eqx.Module):

@@ -10,7 +10,7 @@ import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .config import FlowConfig, OptimConfig
-from .flow import flow_loss
+from .flow import draw, loss_given_draws
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
@@ -74,14 +74,21 @@ class TrainStep:
         *,
         num_classes: int,
         steps_per_call: int = 1,
+        grad_accum: int = 1,
         max_traces: int | None = None,
     ):
-        """`max_traces` makes the step raise if it is traced more often (a test hook)."""
+        """`grad_accum=N` splits each batch into N micro-batches whose gradients are averaged:
+        the same update as the large batch (the randomness is drawn for the whole batch
+        first), with the activation memory of one micro-batch. `max_traces` makes the step
+        raise if it is traced more often (a test hook)."""
         if steps_per_call < 1:
             raise ValueError(f"steps_per_call (={steps_per_call}) must be >= 1.")
+        if grad_accum < 1:
+            raise ValueError(f"grad_accum (={grad_accum}) must be >= 1.")
         self.optimizer, self.flow, self.optim = optimizer, flow, optim
-        self.num_classes, self.steps_per_call = num_classes, steps_per_call
+        self.num_classes, self.steps_per_call, self.grad_accum = num_classes, steps_per_call, grad_accum
         self._static = None
+        self._shardings = None
         fn = self._arrays_step
         if max_traces is not None:
             fn = eqx.debug.assert_max_traces(fn, max_traces=max_traces)
@@ -90,12 +97,29 @@ class TrainStep:
     def _one_step(self, state: TrainState, images, labels) -> tuple[TrainState, dict[str, Array]]:
         key, loss_key = jr.split(state.key)
         params, model_static = eqx.partition(state.model, eqx.is_inexact_array)
+        draws = draw(loss_key, images, labels, self.flow, self.num_classes)
 
-        def loss_fn(params):
-            model = eqx.combine(params, model_static)
-            return flow_loss(model, images, labels, self.flow, self.num_classes, key=loss_key)
+        def loss_fn(params, x1, draws):
+            return loss_given_draws(eqx.combine(params, model_static), x1, draws, self.flow)
 
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        n = self.grad_accum
+        if n == 1:
+            (loss, aux), grads = grad_fn(params, images, draws)
+        else:
+            if images.shape[0] % n:
+                raise ValueError(f"the batch (={images.shape[0]}) must be divisible by grad_accum (={n}).")
+            split = lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:])
+
+            def micro_step(total, micro):
+                (loss, aux), grads = grad_fn(params, *micro)
+                summed = (grads, loss, aux["v_abs_mean"], aux["v_pred_abs_mean"])
+                return jax.tree_util.tree_map(jnp.add, total, summed), None
+
+            zeros = (jax.tree_util.tree_map(jnp.zeros_like, params), *(jnp.zeros((), jnp.float32),) * 3)
+            total, _ = jax.lax.scan(micro_step, zeros, (split(images), jax.tree_util.tree_map(split, draws)))
+            grads, loss, v_abs, v_pred = jax.tree_util.tree_map(lambda x: x / n, total)
+            aux = {"v_abs_mean": v_abs, "v_pred_abs_mean": v_pred}
         with jax.numpy_dtype_promotion("standard"):  # optax's Adam mixes weak and strong dtypes
             updates, opt_state = self.optimizer.update(grads, state.opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -128,7 +152,12 @@ class TrainStep:
                 return self._one_step(state, *batch)
 
             state, metrics = jax.lax.scan(body, state, (images, labels))
-        return eqx.filter(state, eqx.is_array), metrics
+        arrays = eqx.filter(state, eqx.is_array)
+        if self._shardings is not None:  # keep the state where it was: replicated or FSDP-sharded
+            arrays = jax.tree_util.tree_map(
+                lambda x, s: jax.lax.with_sharding_constraint(x, s) if s is not None else x, arrays, self._shardings
+            )
+        return arrays, metrics
 
     def __call__(
         self, state: TrainState, images: Float[Array, "..."], labels: Int[Array, "..."]
@@ -136,6 +165,9 @@ class TrainStep:
         arrays, static = eqx.partition(state, eqx.is_array)
         if self._static is None:
             self._static = static
+            self._shardings = jax.tree_util.tree_map(
+                lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) else None, arrays
+            )
         expected = images.ndim == (5 if self.steps_per_call > 1 else 4)
         if not expected:
             raise ValueError(

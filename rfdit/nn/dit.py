@@ -186,9 +186,11 @@ class DiT(eqx.Module):
     final_modulation: Linear
     final_linear: Linear
     config: DiTConfig = eqx.field(static=True)
+    remat: bool = eqx.field(static=True)
 
-    def __init__(self, config: DiTConfig, *, key: PRNGKeyArray, dtype: str = "float32"):
-        """`dtype` is the matmul compute dtype; parameters are always float32."""
+    def __init__(self, config: DiTConfig, *, key: PRNGKeyArray, dtype: str = "float32", remat: bool = False):
+        """`dtype` is the matmul compute dtype (parameters are always float32); `remat`
+        recomputes each block's activations in the backward pass instead of storing them."""
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"compute dtype (={dtype!r}) must be 'float32' or 'bfloat16'.")
         cfg = config
@@ -206,6 +208,7 @@ class DiT(eqx.Module):
         self.final_modulation = _zeros(2 * h, h, dtype)
         self.final_linear = _zeros(p * p * cfg.out_channels, h, dtype)
         self.config = cfg
+        self.remat = remat
 
     def embed(self, t: Float[Array, ""], y: Int[Array, ""]) -> Float[Array, " d"]:
         """The conditioning vector c = timestep embedding + label embedding."""
@@ -231,6 +234,9 @@ class DiT(eqx.Module):
         def run_block(tokens, arrays):
             return eqx.combine(arrays, block_static)(tokens, c), None
 
+        if self.remat:
+            run_block = jax.checkpoint(run_block)
+
         tokens, _ = jax.lax.scan(run_block, tokens, block_arrays)  # (n, d)
 
         shift, scale = jnp.split(self.final_modulation(jax.nn.silu(c)), 2)
@@ -239,9 +245,11 @@ class DiT(eqx.Module):
         return out.reshape(cfg.image_size, cfg.image_size, cfg.out_channels).astype(x.dtype)
 
 
-def with_compute_dtype(model: DiT, dtype: str) -> DiT:
-    """The same weights, with matmuls computed in `dtype` ("float32" or "bfloat16")."""
-    skeleton = eqx.filter_eval_shape(lambda: DiT(model.config, key=jr.key(0), dtype=dtype))
+def with_compute_dtype(model: DiT, dtype: str, remat: bool | None = None) -> DiT:
+    """The same weights, with matmuls computed in `dtype` ("float32" or "bfloat16") and,
+    when `remat` is given, block rematerialisation switched on or off."""
+    remat = model.remat if remat is None else remat
+    skeleton = eqx.filter_eval_shape(lambda: DiT(model.config, key=jr.key(0), dtype=dtype, remat=remat))
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(skeleton), jax.tree_util.tree_leaves(model))
 
 

@@ -33,7 +33,6 @@ from rfdit.checkpoint import CheckpointError
 from rfdit.generation import (
     RANDOM_INCEPTION_WARNING,
     dataset_statistics,
-    frechet_distance,
     inception_features,
     load_for_sampling,
     load_reference,
@@ -43,6 +42,7 @@ from rfdit.generation import (
     save_fid_statistics,
     uniform_labels,
 )
+from rfdit.metrics import frechet_distance
 
 Solver = Literal["euler", "midpoint", "heun", "ralston", "tsit5", "dopri5", "dopri8"]
 
@@ -66,6 +66,8 @@ class EvalFidArgs:
     batch_size: int = 128
     denoise_timesteps: int | None = None
     """fixed steps; default: the run's (else 32)"""
+    num_steps: int | None = None
+    """the same as --denoise_timesteps (sample.py's name)"""
     num_samples: int = 50000
     solver: Solver | None = None
     """ODE solver; default: the run's (else euler)"""
@@ -109,8 +111,13 @@ def run(args: EvalFidArgs) -> dict[str, Any]:
     label_key, noise_key = jr.split(jr.key(args.seed))
     start = time.perf_counter()
     model, config, vae = load_for_sampling(args.load_dir, args.vae)
+    if args.num_steps is not None and args.denoise_timesteps is not None and args.num_steps != args.denoise_timesteps:
+        raise ValueError(
+            f"--num_steps {args.num_steps} contradicts --denoise_timesteps {args.denoise_timesteps}; give one."
+        )
+    num_steps = args.denoise_timesteps if args.denoise_timesteps is not None else args.num_steps
     cfg_scale = args.cfg_scale if args.use_cfg else 1.0
-    settings = resolve_sampler(config, solver=args.solver, num_steps=args.denoise_timesteps, rtol=args.rtol,
+    settings = resolve_sampler(config, solver=args.solver, num_steps=num_steps, rtol=args.rtol,
                                atol=args.atol, cfg_scale=cfg_scale, time_shift=args.time_shift)
     feature_fn, extractor = inception_features(args.inception_weights,
                                                random_seed=0 if args.random_inception else None)
@@ -133,6 +140,7 @@ def run(args: EvalFidArgs) -> dict[str, Any]:
         ref_mu, ref_sigma, count = dataset_statistics(
             dataset_name, feature_fn, batch_size=batch_size, max_images=args.num_samples,
             dataset_path=args.dataset_path or run_setting(config, "dataset_path"),
+            image_size=run_setting(config, "data_image_size"), tfds_data_dir=run_setting(config, "tfds_data_dir"),
         )
         reference_path = save_fid_statistics(out / "reference_stats.npz", ref_mu, ref_sigma,
                                              feature_extractor=extractor, dataset_name=dataset_name, split="train",

@@ -18,7 +18,6 @@ name their feature extractor, so random-Inception smoke statistics are never com
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import pathlib
@@ -33,6 +32,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from .config import SamplerConfig
 from .metrics.fid import compute_statistics, fid_inception, frechet_distance, load_statistics
 from .nn.dit import DiT
 from .nn.vae import StableVAE
@@ -44,9 +44,6 @@ RANDOM_INCEPTION_WARNING = (
     "RANDOM Inception weights (smoke test): this FID is NOT comparable with published numbers or with FIDs "
     "from the real Inception; it only checks that the pipeline runs."
 )
-
-
-# --- placement --------------------------------------------------------------------------------------------------
 
 
 def _data_parallel(batch_size: int) -> bool:
@@ -76,9 +73,6 @@ def _replicate(tree):
     return eqx.combine(jax.device_put(arrays, NamedSharding(_mesh(), P())), static)
 
 
-# --- loading ------------------------------------------------------------------------------------------------------
-
-
 def vae_source(config: dict[str, Any]) -> tuple[bool, str | None]:
     """(latent, VAE path or Hub id) that a loaded config asks for.
 
@@ -105,12 +99,14 @@ def load_for_sampling(
         vae: a diffusers-format VAE folder or Hub id; beats the one the config names.
         vae_dtype: the VAE's compute dtype ("float32" or "bfloat16").
 
-    A latent model (see `vae_source`) gets its VAE loaded; one without a VAE path is an error.
+    A latent model (its config says so, see `vae_source`, or it has neither 1 nor 3 channels) gets its VAE
+    loaded; one without a VAE path is an error that says to pass `vae`.
     """
     from .experiment import load_model  # experiment imports this module's FID helpers
 
     model, config = load_model(load_dir)
     latent, source = vae_source(config)
+    latent = latent or model.config.in_channels not in (1, 3)  # e.g. an imported export that names no VAE
     if vae is not None:
         if not latent:
             raise ValueError(
@@ -142,21 +138,6 @@ def run_setting(config: dict[str, Any], name: str) -> Any:
     return (config.get("run") or {}).get(name)
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplerSettings:
-    """How to sample, resolved: an explicit value beats the run's saved sampler, which beats the defaults."""
-
-    solver: str
-    num_steps: int | None
-    rtol: float | None
-    atol: float | None
-    cfg_scale: float
-    time_shift: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
 def resolve_sampler(
     config: dict[str, Any] | None = None,
     *,
@@ -166,7 +147,7 @@ def resolve_sampler(
     atol: float | int | None = None,
     cfg_scale: float | int | None = None,
     time_shift: float | int | None = None,
-) -> SamplerSettings:
+) -> SamplerConfig:
     """Sampler settings from explicit values and the config's saved `sampler` (a training run's defaults).
 
     `rtol`/`atol` select adaptive steps and `num_steps` fixed ones; giving both is an error. With neither,
@@ -204,7 +185,7 @@ def resolve_sampler(
     if time_shift is None:
         time_shift = saved.get("time_shift", 1.0)
     cfg_scale = saved.get("cfg_scale", 1.0) if cfg_scale is None else cfg_scale
-    return SamplerSettings(
+    return SamplerConfig(
         solver=solver, num_steps=num_steps, rtol=None if rtol is None else float(rtol),
         atol=None if atol is None else float(atol), cfg_scale=float(cfg_scale), time_shift=float(time_shift),
     )
@@ -215,9 +196,6 @@ def uniform_labels(num: int, num_classes: int, *, key: PRNGKeyArray) -> Int[np.n
     if num < 1 or num_classes < 1:
         raise ValueError(f"need num (={num}) >= 1 labels over num_classes (={num_classes}) >= 1 classes.")
     return np.asarray(jr.randint(key, (num,), 0, num_classes), dtype=np.int32)
-
-
-# --- generation ---------------------------------------------------------------------------------------------------
 
 
 class GeneratedBatch(NamedTuple):
@@ -393,9 +371,6 @@ def generate(
     return out, stats
 
 
-# --- FID ----------------------------------------------------------------------------------------------------------
-
-
 def _random_inception(seed: int):
     """The FID Inception with He-normal random weights drawn by numpy (seconds, not a minute of op-by-op compiles)."""
     from .nn.inception import InceptionV3
@@ -496,7 +471,7 @@ def sample_statistics(
     *,
     labels: Int[np.ndarray, " n"],
     key: PRNGKeyArray,
-    sampler: SamplerSettings,
+    sampler: SamplerConfig,
     batch_size: int,
     guidance_interval: tuple[float, float] | None = None,
     cfg_channels: int | None = None,
@@ -618,7 +593,9 @@ def fid_during_training(
         inception_weights: published Inception weights (default location when None).
         feature_fn: a replacement feature function (tests); `inception_weights` is then ignored.
 
-    Returns `{"fid", "fid_num_samples", "fid_nfe", "fid_time_s"}` (prefix them as the logger wants).
+    Returns `{"fid", "fid_num_samples", "fid_nfe", "fid_time_s"}` (prefix them as the logger wants);
+    `fid_nfe` is the model evaluations per sample (the largest batch's, for adaptive solvers) and
+    `fid_time_s` covers sampling, Inception and the Fréchet distance.
     The Inception is loaded and compiled once per process and reused by later evaluations.
     """
     config = run_config.to_dict() if hasattr(run_config, "to_dict") else dict(run_config)
@@ -650,7 +627,7 @@ def grid_shape(num: int) -> tuple[int, int]:
 
 
 __all__ = [
-    "GeneratedBatch", "SamplerSettings", "dataset_statistics", "fid_during_training", "generate",
+    "GeneratedBatch", "dataset_statistics", "fid_during_training", "generate",
     "generate_batches", "grid_shape", "inception_features", "load_for_sampling", "load_reference",
     "resolve_sampler", "run_setting", "sample_statistics", "save_fid_statistics", "statistics_extractor",
     "uniform_labels", "vae_source",

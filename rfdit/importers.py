@@ -90,6 +90,7 @@ from .nn.dit import NUM_FREQUENCIES, DiT, sincos_pos_embed
 
 FORMATS = ("sit", "repa")
 
+DEFAULT_IMPORT_VAE = "stabilityai/sd-vae-ft-ema"
 logger = logging.getLogger(__name__)
 
 _TOP_KEYS = (  # published key -> rfdit leaf name
@@ -582,5 +583,6 @@ def import_checkpoint(
                                                                    "training weights were taken",))
     logger.info(report.summary())
     if out_dir is not None:
-        export_model(model, out_dir, extra={"import": report.to_dict()})
+        # SiT and REPA were trained on latents of the SD VAE (ft-ema); samplers decode with it by default.
+        export_model(model, out_dir, extra={"import": report.to_dict(), "vae": DEFAULT_IMPORT_VAE})
     return model, report

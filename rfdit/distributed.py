@@ -116,3 +116,20 @@ def global_batch(local: np.ndarray, mesh: Mesh, *, steps_axis: bool = False) -> 
     spec = P(None, BATCH_AXES, *([None] * (local.ndim - 2))) if steps_axis else P(BATCH_AXES,
                                                                                   *([None] * (local.ndim - 1)))
     return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), np.asarray(local))
+
+
+def local_copy(tree: PyTree) -> PyTree:
+    """The same pytree with every array fully present on this process (for evaluation and export).
+
+    Every process must call it: sharded arrays are gathered collectively.
+    """
+    from jax.experimental import multihost_utils
+
+    def fetch(x):
+        if not eqx.is_array(x) or x.is_fully_addressable:
+            return x
+        if x.is_fully_replicated:
+            return x.addressable_data(0)
+        return multihost_utils.process_allgather(x, tiled=True)
+
+    return jax.tree_util.tree_map(fetch, tree)

@@ -29,6 +29,7 @@ from .checkpoint import Checkpointer, CheckpointError, export_model, load_export
 from .config import PRESETS, DiTConfig, FlowConfig, OptimConfig, SamplerConfig
 from .data import load_dataset
 from .data.latents import LatentBatches, read_latents_meta
+from .distributed import global_batch, initialize, local_copy, make_mesh, shard_state
 from .flow import interpolate
 from .nn.dit import DiT
 from .sampling import model_velocity, sample
@@ -155,6 +156,18 @@ class TrainArgs:
     num_samples: int = 1000
     """EMA samples written to samples.npz at the end (spread evenly over classes); 0 skips the final
     grids, samples and evaluation"""
+    precision: Literal["float32", "bf16"] = "float32"
+    """bf16: matmuls and attention in bfloat16; parameters, optimizer state and the loss stay float32"""
+    fsdp: int = 1
+    """shard parameters and optimizer state over this many devices (the rest is data-parallel)"""
+    remat: bool = False
+    """recompute each block's activations in the backward pass (less memory, ~1/3 more compute)"""
+    grad_accum: int = 1
+    """split each batch into this many micro-batches (the same update as the full batch)"""
+    coordinator_address: str | None = None
+    """multi-process: host:port of process 0 (SLURM and TPU pods are detected without it)"""
+    num_processes: int | None = None
+    process_id: int | None = None
     dry_run: bool = False
     """print the resolved configuration and exit"""
     model: ModelArgs = dataclasses.field(default_factory=ModelArgs)
@@ -179,6 +192,10 @@ class RunConfig:
     steps_per_call: int
     keep_checkpoints: int
     num_samples: int
+    precision: str
+    fsdp: int
+    remat: bool
+    grad_accum: int
     debug_overfit: bool
     use_stable_vae: bool
     vae_path: str | None
@@ -252,6 +269,7 @@ def resolve(args: TrainArgs) -> RunConfig:
         data_image_size=data_size,
         data_channels=defaults.channels, batch_size=args.batch_size or defaults.batch_size, max_steps=max_steps,
         seed=args.seed, steps_per_call=k, keep_checkpoints=args.keep_checkpoints, num_samples=args.num_samples,
+        precision=args.precision, fsdp=args.fsdp, remat=args.remat, grad_accum=args.grad_accum,
         debug_overfit=bool(args.debug_overfit), use_stable_vae=use_vae, vae_path=vae_path,
         fid_stats=args.fid_stats, model=model, flow=flow, optim=optim, sampler=sampler,
         wandb={"project": args.wandb.project, "name": args.wandb.name.format(dataset_name=args.dataset_name),
@@ -469,7 +487,9 @@ def train(args: TrainArgs) -> dict[str, Any]:
     model_key, state_key, sample_key = jr.split(key, 3)
     optimizer = make_optimizer(run.optim)
     with jax.numpy_dtype_promotion("standard"):
-        state = TrainState.create(DiT(run.model, key=model_key), optimizer, key=state_key)
+        model = DiT(run.model, key=model_key, dtype="bfloat16" if run.precision == "bf16" else "float32",
+                    remat=run.remat)
+        state = TrainState.create(model, optimizer, key=state_key)
 
     with Checkpointer(run_dir / "checkpoints", max_to_keep=run.keep_checkpoints) as checkpointer:
         return _train(args, run, run_dir, state, optimizer, checkpointer, sample_key, is_main)
@@ -534,12 +554,21 @@ def _train(args, run, run_dir, state, optimizer, checkpointer, sample_key, is_ma
                 )
             state, meta = source.restore(state)
         start_step = int(meta["data_step"])
+        if start_step % run.steps_per_call:
+            raise CheckpointError(
+                f"the checkpoint is at step {start_step}, not a multiple of --steps_per_call {run.steps_per_call}; "
+                "resume with a steps_per_call that divides it."
+            )
         print(f"resumed from {_checkpoint_dir(args.load_dir)} at step {start_step}")
     if is_main:
         (run_dir / "config.json").write_text(json.dumps(run.to_dict(), indent=2))
 
+    mesh = make_mesh(run.fsdp)
+    state = shard_state(state, mesh)  # replicated, or FSDP-sharded; the batch is sharded over every device
     data = _load_data(run)
     vae = _load_vae(run)
+    if vae is not None:
+        vae = shard_state(vae, make_mesh(1))  # replicated next to the batch
     to_model_space = _model_space(run, vae)
     if (data.image_size, data.channels) != (run.model.image_size, run.model.in_channels) and not run.use_stable_vae:
         raise ValueError(
@@ -547,7 +576,14 @@ def _train(args, run, run_dir, state, optimizer, checkpointer, sample_key, is_ma
             f"{run.model.image_size}×{run.model.image_size}×{run.model.in_channels}; check --image_size."
         )
     step_fn = TrainStep(optimizer, run.flow, run.optim, num_classes=run.model.num_classes,
-                        steps_per_call=run.steps_per_call)
+                        steps_per_call=run.steps_per_call, grad_accum=run.grad_accum)
+    fid_stats = None
+    if run.fid_stats is not None:  # fail now, not at the first eval
+        from .generation import inception_features
+        from .metrics import load_statistics
+
+        fid_stats = load_statistics(run.fid_stats)
+        inception_features()
     logger = _Logger(run_dir, run.wandb, run.to_dict(), is_main)
     evaluation = Evaluation(run, run_dir, data, vae)
     if evaluation.evaluator is not None and is_main:
@@ -574,8 +610,8 @@ def _train(args, run, run_dir, state, optimizer, checkpointer, sample_key, is_ma
                 chunk = [next(batches) for _ in range(k)]
                 images = np.stack([c[0] for c in chunk]) if k > 1 else chunk[0][0]
                 labels = np.stack([c[1] for c in chunk]) if k > 1 else chunk[0][1]
-                images = to_model_space(jnp.asarray(images), step)
-                state, metrics = step_fn(state, images, jnp.asarray(labels))
+                images = to_model_space(global_batch(images, mesh, steps_axis=k > 1), step)
+                state, metrics = step_fn(state, images, global_batch(labels, mesh, steps_axis=k > 1))
                 pending.append(metrics)
                 step += k
                 interval_steps += k
@@ -588,8 +624,13 @@ def _train(args, run, run_dir, state, optimizer, checkpointer, sample_key, is_ma
                     pending, interval_start, interval_steps = [], time.perf_counter(), 0
                     logger.log(step, values)
                     progress.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['img_per_s']:.0f}")
-                if step % run.eval_interval == 0 and step < run.max_steps and is_main:
-                    logger.log(step, evaluate(evaluation, state.ema, step, sample_key, num=500))
+                if step % run.eval_interval == 0 and step < run.max_steps:
+                    ema = local_copy(state.ema)  # every process joins the gather; process 0 evaluates
+                    if is_main:
+                        values = evaluate(evaluation, ema, step, sample_key, num=500)
+                        if fid_stats is not None:
+                            values.update(_fid(ema, run, vae, jr.fold_in(sample_key, step)))
+                        logger.log(step, values)
                 if step % run.save_interval == 0 and step < run.max_steps:
                     save(step)
                 if stop.signal is not None:
@@ -605,12 +646,15 @@ def _train(args, run, run_dir, state, optimizer, checkpointer, sample_key, is_ma
         return {"step": step, "run_dir": str(run_dir), "stopped": True}
 
     summary: dict[str, Any] = {"step": step, "run_dir": str(run_dir)}
+    ema = local_copy(state.ema)
     if is_main:
-        export_model(state.ema, run_dir / "export", {"run": run.to_dict(), "sampler": run.sampler.to_dict()})
+        export_model(ema, run_dir / "export", {"run": run.to_dict(), "sampler": run.sampler.to_dict()})
     if is_main and run.num_samples > 0:
-        final = evaluate(evaluation, state.ema, step, sample_key, num=0)
+        final = evaluate(evaluation, ema, step, sample_key, num=0)
+        if fid_stats is not None:
+            final.update(_fid(ema, run, vae, jr.fold_in(sample_key, step)))
         logger.log(step, final)
-        images, labels, info = evaluation.generate(state.ema, run.num_samples, key=jr.fold_in(sample_key, 7))
+        images, labels, info = evaluation.generate(ema, run.num_samples, key=jr.fold_in(sample_key, 7))
         np.savez_compressed(run_dir / "samples.npz", images=images.astype(np.float32), labels=labels)
         plots.loss_curve(run_dir / "metrics.jsonl", run_dir / "grids" / "loss_curve.png")
         report: dict[str, Any] = {"step": step, "num_samples": len(images), "sampler": info, "model": "ema"}
@@ -625,6 +669,18 @@ def _train(args, run, run_dir, state, optimizer, checkpointer, sample_key, is_ma
     return summary
 
 
+FID_SAMPLES_DURING_TRAINING = 5000
+
+
+def _fid(model, run: RunConfig, vae, key) -> dict[str, Any]:
+    """FID on fewer samples than a final evaluation, as the original did at eval intervals."""
+    from .generation import fid_during_training
+
+    values = fid_during_training(model, run, run.fid_stats, num_samples=FID_SAMPLES_DURING_TRAINING, key=key,
+                                 vae=vae)
+    return {f"eval/{k}": v for k, v in values.items()}
+
+
 def evaluate(evaluation: Evaluation, model, step: int, key, *, num: int) -> dict[str, Any]:
     """Grids, reconstructions, loss by t, and (with `num` > 0) the evaluator's figures."""
     evaluation.grids(model, step)
@@ -637,6 +693,8 @@ def evaluate(evaluation: Evaluation, model, step: int, key, *, num: int) -> dict
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if not args.dry_run:
+        initialize(args.coordinator_address, args.num_processes, args.process_id)
     try:
         return train(args)
     except (ValueError, CheckpointError) as error:

@@ -144,94 +144,122 @@ def load_dataset(
         path: a local copy (Hub layout for cifar10/cifar100/tiny-imagenet; an image folder for the rest).
         image_size: resolution after centre crop and resize; defaults to the data set's own.
         tfds_data_dir: a TFDS data dir with a prepared build (imagenet256/imagenet128/celebahq256).
-        num_classes: the model's number of classes, if known; labels beyond it are an error.
+        num_classes: the model's number of classes, if known; a data set with more is an error.
         streaming: stream the Hub data sets (default: when no `path` is given). With a `path`,
             streams the local files through the same shuffle buffer as the Hub.
         shuffle_buffer: records in a stream's shuffle buffer.
         num_workers: decoding threads (default: the CPU count, at most 16).
         prefetch: global batches decoded ahead, besides the one being consumed.
+
+    Every check of the data (columns, labels, decodability, the network) happens here, before
+    training starts.
     """
     if shuffle_buffer < 1:
         raise ValueError(f"shuffle_buffer (={shuffle_buffer}) must be at least 1 (1 keeps the stream's order).")
+    options = dict(seed=seed, process_index=process_index, process_count=process_count, flip=True,
+                   num_workers=num_workers, prefetch=prefetch)
     if name == "digits":
-        split = load_digits_split()
-        images, labels = split["train_images"], split["train_labels"]
-        if debug_overfit:  # the original's debug mode: a handful of examples, repeated
-            images, labels = np.repeat(images[:8], max(1, batch_size // 8 + 1), 0), np.repeat(labels[:8],
-                                                                                             max(1, batch_size // 8 + 1), 0)
-        train = ArrayBatches(images, labels, batch_size, seed=seed, process_index=process_index,
-                             process_count=process_count)
-        data = Dataset("digits", 8, 1, 10, train, split["test_images"], split["test_labels"])
-    elif name in HUB_DATASETS or name in FOLDER_DATASETS:
+        data = _digits(batch_size, seed, process_index, process_count, debug_overfit)
+    elif name in HUB_DATASETS:
+        if tfds_data_dir is not None:
+            raise ValueError(f"--tfds_data_dir serves {', '.join(TFDS_NAMES)}; {name} comes from the Hub or "
+                             "--dataset_path.")
+        stream = (path is None) if streaming is None else streaming
         size = image_size or IMAGE_SIZES[name]
-        options = dict(image_size=size, seed=seed, process_index=process_index, process_count=process_count,
-                       flip=True, num_workers=num_workers, prefetch=prefetch)
-        if name in HUB_DATASETS:
-            if tfds_data_dir is not None:
-                raise ValueError(f"--tfds_data_dir serves {', '.join(TFDS_NAMES)}; {name} comes from the Hub or "
-                                 "--dataset_path.")
-            spec = HUB_DATASETS[name]
-            if (path is None) if streaming is None else streaming:
-                stream = open_stream(spec, "train", path=path, seed=seed, buffer_size=shuffle_buffer)
-                first = stream.first(max(OVERFIT_SIZE, 1))
-                head = MemorySource([r for r, _ in first], np.array([l for _, l in first], np.int32),
-                                    spec.num_classes, stream.where)
-                _require_train_decodes(head, size)
-                try:
-                    held_out = open_stream(spec, spec.eval_split, path=path, seed=seed, buffer_size=shuffle_buffer)
-                    eval_records = held_out.first(EVAL_SIZE)
-                    eval_where = held_out.where
-                except ValueError:
-                    if path is None:
-                        raise
-                    eval_records, eval_where = stream.first(EVAL_SIZE), stream.where
-                eval_source = MemorySource([r for r, _ in eval_records],
-                                           np.array([l for _, l in eval_records], np.int32), spec.num_classes,
-                                           eval_where)
-                if debug_overfit:
-                    train = DecodedBatches(_overfit(head, batch_size), batch_size, **options)
-                else:
-                    train = StreamBatches(stream.open_epoch, stream.num_examples, batch_size,
-                                          num_classes=spec.num_classes, where=stream.where, **options)
-            else:
-                if path is None:
-                    raise ValueError(f"streaming=False needs a local copy of {spec.hub_id}: pass --dataset_path.")
-                splits = open_local(path, spec)
-                source = splits["train"]
-                _require_train_decodes(source, size)
-                eval_source = splits[_eval_split(splits, spec.eval_split)]
-                train = DecodedBatches(_overfit(source, batch_size) if debug_overfit else source, batch_size,
-                                       **options)
-            classes = spec.num_classes
+        if stream:
+            train, eval_source = _hub_stream(name, batch_size, path, size, debug_overfit, shuffle_buffer, options)
         else:
-            if tfds_data_dir is not None and path is not None:
-                raise ValueError("give one of --dataset_path (an image folder) and --tfds_data_dir, not both.")
-            if tfds_data_dir is not None:
-                if name not in TFDS_NAMES:
-                    raise ValueError(f"--tfds_data_dir serves {', '.join(TFDS_NAMES)}, not {name}; pass "
-                                     "--dataset_path with an image folder.")
-                splits = open_tfds(name, tfds_data_dir)
-                source = splits["train"]
-                eval_source = splits[_eval_split(splits, "validation")]
-            elif path is None:
-                extra = " or --tfds_data_dir DIR (a prepared TFDS build)" if name in TFDS_NAMES else ""
-                raise ValueError(f"{name} reads local images: pass --dataset_path DIR (a folder of class subfolders, "
-                                 f"or a flat folder of images){extra}.")
-            else:
-                paths, labels, class_names = list_image_folder(path)
-                source = FileSource(paths, labels, max(1, len(class_names)))
-                eval_source = source
-            _require_train_decodes(source, size)
-            train = DecodedBatches(_overfit(source, batch_size) if debug_overfit else source, batch_size, **options)
-            classes = source.num_classes
-        eval_images, eval_labels = _eval_sample(eval_source, size, num_workers)
-        data = Dataset(name, size, 3, classes, train, eval_images, eval_labels)
+            train, eval_source = _hub_local(name, batch_size, path, size, debug_overfit, options)
+        data = _image_dataset(name, size, train, eval_source, num_workers)
+    elif name in FOLDER_DATASETS:
+        size = image_size or IMAGE_SIZES[name]
+        source, eval_source = _local_images(name, path, tfds_data_dir)
+        _require_train_decodes(source, size)
+        train = DecodedBatches(_overfit(source, batch_size) if debug_overfit else source, batch_size, image_size=size,
+                               **options)
+        data = _image_dataset(name, size, train, eval_source, num_workers)
     else:
         raise ValueError(f"Unknown data set {name!r}; valid names: {list(DATASET_NAMES)}.")
     if num_classes is not None and data.num_classes > num_classes:
         raise ValueError(f"{name} has {data.num_classes} classes but the model has num_classes={num_classes}; pass "
                          f"--model.num_classes {data.num_classes}.")
     return data
+
+
+def _digits(batch_size: int, seed: int, process_index: int, process_count: int, debug_overfit: bool) -> Dataset:
+    split = load_digits_split()
+    images, labels = split["train_images"], split["train_labels"]
+    if debug_overfit:  # the original's debug mode: a handful of examples, repeated
+        images, labels = np.repeat(images[:8], max(1, batch_size // 8 + 1), 0), np.repeat(labels[:8],
+                                                                                         max(1, batch_size // 8 + 1), 0)
+    train = ArrayBatches(images, labels, batch_size, seed=seed, process_index=process_index,
+                         process_count=process_count)
+    return Dataset("digits", 8, 1, 10, train, split["test_images"], split["test_labels"])
+
+
+def _image_dataset(name: str, size: int, train: BatchSource, eval_source: RandomAccessSource,
+                   num_workers: int | None) -> Dataset:
+    eval_images, eval_labels = _eval_sample(eval_source, size, num_workers)
+    return Dataset(name, size, 3, train.num_classes, train, eval_images, eval_labels)
+
+
+def _hub_stream(name: str, batch_size: int, path: str | None, size: int, debug_overfit: bool, shuffle_buffer: int,
+                options: dict) -> tuple[BatchSource, RandomAccessSource]:
+    """Batches streamed from the Hub (or from local files, when `path` is given)."""
+    spec = HUB_DATASETS[name]
+
+    def held(records: list, where: str) -> MemorySource:
+        labels = np.array([label for _, label in records], np.int32)
+        return MemorySource([raw for raw, _ in records], labels, spec.num_classes, where)
+
+    stream = open_stream(spec, "train", path=path, seed=options["seed"], buffer_size=shuffle_buffer)
+    head = held(stream.first(OVERFIT_SIZE), stream.where)
+    _require_train_decodes(head, size)
+    try:
+        held_out = open_stream(spec, spec.eval_split, path=path, seed=options["seed"], buffer_size=shuffle_buffer)
+        eval_source = held(held_out.first(EVAL_SIZE), held_out.where)
+    except ValueError:
+        if path is None:
+            raise
+        eval_source = held(stream.first(EVAL_SIZE), stream.where)  # a local copy without that split
+    if debug_overfit:
+        return DecodedBatches(_overfit(head, batch_size), batch_size, image_size=size, **options), eval_source
+    return StreamBatches(stream.open_epoch, stream.num_examples, batch_size, image_size=size,
+                         num_classes=spec.num_classes, where=stream.where, **options), eval_source
+
+
+def _hub_local(name: str, batch_size: int, path: str | None, size: int, debug_overfit: bool,
+               options: dict) -> tuple[BatchSource, RandomAccessSource]:
+    """Batches from a local copy in the Hub's layout, read at random."""
+    spec = HUB_DATASETS[name]
+    if path is None:
+        raise ValueError(f"streaming=False needs a local copy of {spec.hub_id}: pass --dataset_path.")
+    splits = open_local(path, spec)
+    source = splits["train"]
+    _require_train_decodes(source, size)
+    train = DecodedBatches(_overfit(source, batch_size) if debug_overfit else source, batch_size, image_size=size,
+                           **options)
+    return train, splits[_eval_split(splits, spec.eval_split)]
+
+
+def _local_images(name: str, path: str | None,
+                  tfds_data_dir: str | None) -> tuple[RandomAccessSource, RandomAccessSource]:
+    """The training and evaluation sources of an image folder or a TFDS build."""
+    if tfds_data_dir is not None and path is not None:
+        raise ValueError("give one of --dataset_path (an image folder) and --tfds_data_dir, not both.")
+    if tfds_data_dir is not None:
+        if name not in TFDS_NAMES:
+            raise ValueError(f"--tfds_data_dir serves {', '.join(TFDS_NAMES)}, not {name}; pass --dataset_path "
+                             "with an image folder.")
+        splits = open_tfds(name, tfds_data_dir)
+        return splits["train"], splits[_eval_split(splits, "validation")]
+    if path is None:
+        extra = " or --tfds_data_dir DIR (a prepared TFDS build)" if name in TFDS_NAMES else ""
+        raise ValueError(f"{name} reads local images: pass --dataset_path DIR (a folder of class subfolders, or a "
+                         f"flat folder of images){extra}.")
+    paths, labels, class_names = list_image_folder(path)
+    source = FileSource(paths, labels, max(1, len(class_names)))
+    return source, source  # no held-out split in a folder: evaluation uses a fixed sample of it
 
 
 def _overfit(source: RandomAccessSource, batch_size: int) -> Subset:

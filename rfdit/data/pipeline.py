@@ -369,7 +369,7 @@ class DecodedBatches(_DecodingBatches):
         for step in itertools.count(start_step):
             indices = self.global_indices(step)
             own_raw, own_labels = self.source.fetch(indices[self.slots.start : self.slots.stop])
-            own = {slot: (raw, int(label)) for slot, raw, label in zip(self.slots, own_raw, own_labels)}
+            own = {slot: (raw, int(label)) for slot, raw, label in zip(self.slots, own_raw, own_labels, strict=True)}
 
             def record(slot, indices=indices, own=own):
                 if slot in own:
@@ -460,13 +460,11 @@ class StreamBatches(_DecodingBatches):
                     step = epoch * self.steps_per_epoch + p
                     first = p * self.batch_size
 
-                    yield _GlobalBatch(
-                        step,
-                        lambda slot, chunk=chunk: (chunk[slot][0], int(chunk[slot][1])),
-                        lambda slot, first=first, epoch=epoch: f"example {first + slot} of epoch {epoch} of {self.where}",
-                        lambda slot: None,
-                        self._flips(step),
-                    )
+                    def describe(slot, first=first, epoch=epoch):
+                        return f"example {first + slot} of epoch {epoch} of {self.where}"
+
+                    yield _GlobalBatch(step, lambda slot, chunk=chunk: (chunk[slot][0], int(chunk[slot][1])), describe,
+                                       lambda slot, step=step: (step, slot), self._flips(step))
             finally:
                 _close_in_background(records)
             epoch, position = epoch + 1, 0

@@ -43,8 +43,8 @@ def open_tfds(name: str, data_dir: str | os.PathLike) -> dict[str, TfdsSource]:
         import tensorflow_datasets as tfds
     except ImportError as error:
         raise ValueError(
-            f"--tfds_data_dir needs tensorflow-datasets: `pip install 'rfdit[tfds]'` (TensorFlow is not needed), or "
-            f"pass --dataset_path with an image folder instead."
+            "--tfds_data_dir needs tensorflow-datasets: `pip install 'rfdit[tfds]'` (TensorFlow is not needed), or "
+            "pass --dataset_path with an image folder instead."
         ) from error
     builder = TFDS_NAMES[name]
     try:

@@ -1,14 +1,20 @@
-"""Benchmark the compiled training step: steady-state throughput and fraction of peak.
+"""Benchmark the compiled training step: steady-state throughput, fraction of peak, memory.
 
     python experiments/bench_train.py --preset debug --patch_size 2 --image_size 8 --channels 1 \\
-        --num_classes 10 --batch_size 128
+        --num_classes 10 --batch_size 128 --steps_per_call 10 --baseline
     python experiments/bench_train.py --hidden_size 256 --depth 4 --num_heads 4 --patch_size 2 \\
-        --mlp_ratio 4 --image_size 16 --channels 3 --num_classes 10 --batch_size 64
+        --mlp_ratio 4 --image_size 16 --channels 3 --num_classes 10 --batch_size 64 --baseline
+    python experiments/bench_train.py --preset B/2 --batch_size 256 --precision bf16      # a GPU
 
-Each takes well under a minute on a 2-core CPU. The last line printed is one JSON object.
-`--steps_per_call K` scans K steps inside one compiled call (worth it for tiny models).
-`--baseline` also times the plain step the Flax original used (a jit of grad, Adam and
-the EMA update, one step per call, no buffer donation) on the same model, side by side.
+Each CPU run takes under a minute on 2 cores. The last line printed is one JSON object.
+
+- `--steps_per_call K` scans K steps inside one compiled call (worth it for tiny models).
+- `--baseline` also times the plain step the Flax original used (a jit of grad, Adam and
+  the EMA update, one step per call, no donation) on the same model, side by side.
+- `--max_batch_from 64 128 256` picks the largest batch whose compiled step fits in device
+  memory, from XLA's memory analysis (no trial runs), and benchmarks it.
+- `--sample_batch N` also times sampling: N images, 32 Euler steps, with guidance (2N pass).
+- FLOPs: 2 per multiply-add, training = 3 × forward, attention included.
 """
 
 from __future__ import annotations
@@ -18,15 +24,22 @@ import json
 import statistics
 import sys
 import time
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-import numpy as np
 import tyro
 
 import rfdit
-from rfdit.benchmarking import matmul_peak_tflops, plain_train_step
+from rfdit.benchmarking import (
+    compiled_footprint,
+    matmul_peak_tflops,
+    nominal_peak_tflops,
+    peak_memory_bytes,
+    plain_train_step,
+)
+from rfdit.distributed import global_batch, make_mesh, shard_state
 
 
 @dataclasses.dataclass
@@ -45,8 +58,16 @@ class Args:
     """timed steps (after warm-up); the median of `repeats` timings is reported"""
     repeats: int = 5
     steps_per_call: int = 1
-    precision: str = "float32"
+    precision: Literal["float32", "bf16"] = "float32"
+    matmul_precision: Literal["default", "high", "highest"] | None = None
+    """jax_default_matmul_precision; default: "highest" for float32 (true f32, not TF32), "default" for bf16"""
+    fsdp: int = 1
+    remat: bool = False
     baseline: bool = False
+    max_batch_from: tuple[int, ...] = ()
+    sample_batch: int = 0
+    peak_size: int | None = None
+    """matmul size for the measured peak (default 2048 on CPU, 8192 on accelerators)"""
     seed: int = 0
 
 
@@ -73,27 +94,54 @@ def time_calls(call, num_calls: int, repeats: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = tyro.cli(Args, args=argv)
+    args = tyro.cli(Args, args=argv, use_underscores=True)
     cfg = model_config(args)
-    jax.config.update("jax_default_matmul_precision", "highest" if args.precision == "float32" else "default")
-    print(f"device: {jax.devices()[0].device_kind}, matmul precision: {jax.config.jax_default_matmul_precision}")
+    dtype = "bfloat16" if args.precision == "bf16" else "float32"
+    matmul_precision = args.matmul_precision or ("highest" if dtype == "float32" else "default")
+    jax.config.update("jax_default_matmul_precision", matmul_precision)
+    device = jax.devices()[0]
+    print(f"device: {device.device_kind} x{jax.device_count()}, compute dtype: {dtype}, "
+          f"jax_default_matmul_precision: {jax.config.jax_default_matmul_precision}")
+
     key = jr.key(args.seed)
     model_key, state_key, data_key = jr.split(key, 3)
-    model = rfdit.DiT(cfg, key=model_key, dtype=args.precision)
+    model = rfdit.DiT(cfg, key=model_key, dtype=dtype, remat=args.remat)
     optim = rfdit.OptimConfig()
     optimizer = rfdit.make_optimizer(optim)
-    state = rfdit.TrainState.create(model, optimizer, key=state_key)
+    mesh = make_mesh(args.fsdp)
+    with jax.numpy_dtype_promotion("standard"):
+        state = shard_state(rfdit.TrainState.create(model, optimizer, key=state_key), mesh)
     k = args.steps_per_call
     step = rfdit.TrainStep(optimizer, rfdit.FlowConfig(), optim, num_classes=cfg.num_classes, steps_per_call=k)
-    shape = (args.batch_size, cfg.image_size, cfg.image_size, cfg.in_channels)
-    images = jr.normal(data_key, shape if k == 1 else (k, *shape))
-    labels = jnp.zeros(images.shape[:-3], jnp.int32)
+
+    def inputs(batch_size: int):
+        shape = (batch_size, cfg.image_size, cfg.image_size, cfg.in_channels)
+        images = jr.normal(data_key, shape if k == 1 else (k, *shape))
+        labels = jnp.zeros(images.shape[:-3], jnp.int32)
+        return global_batch(images, mesh, steps_axis=k > 1), global_batch(labels, mesh, steps_axis=k > 1)
+
+    # the baseline copies the weights now: the step below donates the state's buffers
+    plain = plain_train_step(model, optimizer, rfdit.FlowConfig(), optim, cfg.num_classes) if args.baseline else None
+    result: dict = {}
+    batch_size = args.batch_size
+    if args.max_batch_from:
+        limit = (device.memory_stats() or {}).get("bytes_limit")
+        footprints = {}
+        for candidate in sorted(args.max_batch_from, reverse=True):
+            footprints[candidate] = compiled_footprint(step.lower(state, *inputs(candidate)).compile())
+            print(f"batch {candidate}: compiled footprint {footprints[candidate] / 2**30:.1f} GiB"
+                  + (f" of {limit / 2**30:.1f} GiB" if limit else ""))
+            if limit is None or footprints[candidate] <= 0.95 * limit:
+                batch_size = candidate
+                break
+        result["max_batch_search"] = {"candidates": sorted(args.max_batch_from), "bytes_limit": limit,
+                                      "footprints": footprints, "chosen": batch_size}
+    images, labels = inputs(batch_size)
 
     start = time.perf_counter()
     state, metrics = step(state, images, labels)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - start
-
     holder = [state]
 
     def call():
@@ -102,29 +150,33 @@ def main(argv: list[str] | None = None) -> dict:
 
     num_calls = max(1, args.steps // k)
     call()  # warm-up
-    per_call = time_calls(call, num_calls, args.repeats)
-    s_per_step = statistics.median(per_call) / k
+    s_per_step = statistics.median(time_calls(call, num_calls, args.repeats)) / k
 
     flops_per_img = 3 * cfg.forward_flops()
-    peak = matmul_peak_tflops(args.precision)
-    achieved = flops_per_img * args.batch_size / s_per_step
-    result = {
-        "config": {**cfg.to_dict(), "batch_size": args.batch_size, "steps_per_call": k, "precision": args.precision},
+    achieved = flops_per_img * batch_size / s_per_step
+    peak = matmul_peak_tflops(dtype, size=args.peak_size or (2048 if device.platform == "cpu" else 8192))
+    nominal = nominal_peak_tflops(device.device_kind, dtype, matmul_precision)
+    result.update({
+        "device": f"{device.device_kind} x{jax.device_count()}",
+        "config": {**cfg.to_dict(), "batch_size": batch_size, "steps_per_call": k, "precision": args.precision,
+                   "fsdp": args.fsdp, "remat": args.remat},
+        "matmul_precision": matmul_precision,
         "params": cfg.num_params(),
         "gflops_per_img": flops_per_img / 1e9,
         "compile_s": round(compile_s, 3),
         "ms_per_step": round(1e3 * s_per_step, 3),
-        "img_per_s": round(args.batch_size / s_per_step, 1),
+        "img_per_s": round(batch_size / s_per_step, 1),
         "achieved_gflops": round(achieved / 1e9, 2),
         "peak_tflops_measured": round(peak, 4),
+        "peak_tflops_nominal": nominal,
+        "mfu_measured": round(achieved / (peak * 1e12), 4),
+        "mfu_nominal": None if nominal is None else round(achieved / (nominal * 1e12), 4),
         "fraction_of_peak": round(achieved / (peak * 1e12), 4),
-    }
-    if args.baseline:
-        plain = plain_train_step(model, optimizer, rfdit.FlowConfig(), optim, cfg.num_classes)
-        base_images = images if k == 1 else images[0]
-        base_labels = labels if k == 1 else labels[0]
-        plain_state = plain.init(jr.key(args.seed))
-        plain_holder = [plain_state]
+        "peak_memory_bytes": peak_memory_bytes(step.lower(holder[0], images, labels).compile()),
+    })
+    if plain is not None:
+        base_images, base_labels = (images, labels) if k == 1 else (images[0], labels[0])
+        plain_holder = [plain.init(jr.key(args.seed))]
 
         def plain_call():
             plain_holder[0], m = plain.step(plain_holder[0], base_images, base_labels)
@@ -134,6 +186,21 @@ def main(argv: list[str] | None = None) -> dict:
         plain_s = statistics.median(time_calls(plain_call, args.steps, args.repeats))
         result["baseline_ms_per_step"] = round(1e3 * plain_s, 3)
         result["speedup_vs_baseline"] = round(plain_s / s_per_step, 3)
+    if args.sample_batch:
+        ema = holder[0].ema
+        noise = global_batch(jr.normal(jr.key(1), (args.sample_batch, cfg.image_size, cfg.image_size,
+                                                   cfg.in_channels)), mesh)
+        sample_labels = global_batch(jnp.arange(args.sample_batch, dtype=jnp.int32) % cfg.num_classes, mesh)
+
+        def sample_call():
+            return rfdit.sample(ema, noise, sample_labels, cfg_scale=jnp.asarray(1.5), solver="euler",
+                                num_steps=32)[0]
+
+        sample_call()
+        sample_s = statistics.median(time_calls(sample_call, 1, max(2, args.repeats // 2)))
+        result["sample_img_per_s"] = round(args.sample_batch / sample_s, 1)
+        result["sample_settings"] = {"batch": args.sample_batch, "solver": "euler", "num_steps": 32,
+                                     "cfg_scale": 1.5, "nfe": 32, "pass": "2B"}
     print(json.dumps(result))
     return result
 

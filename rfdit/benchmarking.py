@@ -14,6 +14,41 @@ import optax
 
 from .config import FlowConfig, OptimConfig
 from .flow import flow_loss
+from .train import _global_norm
+
+
+# Dense (non-sparse) peaks from the vendors' datasheets, TFLOP/s, for the SXM parts.
+NOMINAL_PEAK_TFLOPS = {
+    "H100": {"bfloat16": 989.4, "tf32": 494.7, "float32": 66.9},
+    "H200": {"bfloat16": 989.4, "tf32": 494.7, "float32": 66.9},
+    "A100": {"bfloat16": 312.0, "tf32": 156.0, "float32": 19.5},
+}
+
+
+def nominal_peak_tflops(device_kind: str, dtype: str, matmul_precision: str) -> float | None:
+    """The card's nominal dense peak for this dtype (float32 counts as TF32 unless precision is "highest")."""
+    for name, peaks in NOMINAL_PEAK_TFLOPS.items():
+        if name in device_kind:
+            if dtype == "bfloat16":
+                return peaks["bfloat16"]
+            return peaks["float32"] if matmul_precision == "highest" else peaks["tf32"]
+    return None
+
+
+def peak_memory_bytes(compiled=None) -> int | None:
+    """The device's peak bytes in use (allocator statistics), else the compiled step's footprint."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"])
+    if compiled is not None:
+        return compiled_footprint(compiled)
+    return None
+
+
+def compiled_footprint(compiled) -> int:
+    """Arguments + outputs + temporaries - donated aliases, from XLA's memory analysis."""
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
 def matmul_peak_tflops(dtype: str = "float32", size: int = 2048, repeats: int = 10) -> float:
@@ -65,8 +100,8 @@ def plain_train_step(model, optimizer, flow: FlowConfig, optim: OptimConfig, num
         new_params = optax.apply_updates(state.params, updates)
         decay = optim.ema_decay
         ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state.ema, new_params)
-        info = {"grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates),
-                "param_norm": optax.tree.norm(new_params), "v_abs_mean": aux["v_abs_mean"]}
+        info = {"grad_norm": _global_norm(grads), "update_norm": _global_norm(updates),
+                "param_norm": _global_norm(new_params), "v_abs_mean": aux["v_abs_mean"]}
         return PlainState(new_params, ema, opt_state, key), info
 
     return PlainStep(init, step)

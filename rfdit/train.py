@@ -50,8 +50,11 @@ class TrainState(eqx.Module):
         return cls(model, ema, optimizer.init(params), jnp.zeros((), jnp.int32), key)
 
 
+_tree_norm = optax.tree.norm if hasattr(optax, "tree") and hasattr(optax.tree, "norm") else optax.global_norm
+
+
 def _global_norm(tree) -> Float[Array, ""]:
-    return optax.tree.norm(eqx.filter(tree, eqx.is_inexact_array))
+    return _tree_norm(eqx.filter(tree, eqx.is_inexact_array))
 
 
 class TrainStep:
@@ -158,6 +161,13 @@ class TrainStep:
                 lambda x, s: jax.lax.with_sharding_constraint(x, s) if s is not None else x, arrays, self._shardings
             )
         return arrays, metrics
+
+    def lower(self, state: TrainState, images, labels):
+        """The step lowered for these inputs (e.g. `.compile().memory_analysis()`), without running it."""
+        arrays, static = eqx.partition(state, eqx.is_array)
+        if self._static is None:
+            self._static = static
+        return self._jitted.lower(arrays, images, labels)
 
     def __call__(
         self, state: TrainState, images: Float[Array, "..."], labels: Int[Array, "..."]

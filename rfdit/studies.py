@@ -48,7 +48,8 @@ SolverName = Literal["euler", "midpoint", "heun", "ralston", "tsit5", "dopri5", 
 COLUMNS = (
     "solver", "num_steps", "rtol", "atol", "nfe", "seconds_per_sample", "rms_error",
     "class_acc", "fd_feat", "precision", "recall", "fid",
-    "section", "cfg_scale", "time_shift", "guidance_interval", "stepping", "nfe_max", "compile_seconds",
+    "section", "cfg_scale", "time_shift", "guidance_interval", "stepping", "nfe_max", "rejected_steps",
+    "compile_seconds",
     "num_failed",
 )
 QUALITY = ("class_acc", "fd_feat", "precision", "recall", "fid")
@@ -171,12 +172,12 @@ def _solve_batch(params, noise, labels, scale, *, static, setting: Setting):
         field = guided_field(model, y, scale if guided else None, guidance_interval=setting.guidance_interval)
         return solve(field, x, **kwargs)
 
+    names = ("nfe", "num_rejected_steps", "result")
     if setting.per_sample:
         x1, stats = jax.vmap(lambda x, y: solve_state(x[None], y[None]))(noise, labels)
-        return x1[:, 0], stats["nfe"], stats["result"]
+        return x1[:, 0], *[stats[k] for k in names]
     x1, stats = solve_state(noise, labels)
-    batch = labels.shape[0]
-    return x1, jnp.broadcast_to(stats["nfe"], (batch,)), jnp.broadcast_to(stats["result"], (batch,))
+    return x1, *[jnp.broadcast_to(stats[k], labels.shape) for k in names]
 
 
 class _Sampler:
@@ -206,19 +207,20 @@ class _Sampler:
                 self._compiled[key] = fn.lower(*example).compile()
                 compile_seconds = time.perf_counter() - start
             compiled = self._compiled[key]
-            images, nfe, results, seconds = [], [], [], 0.0
+            images, nfe, rejected, results, seconds = [], [], [], [], 0.0
             for start_index in range(0, count, batch):
                 size = min(batch, count - start_index)
                 take = np.resize(np.arange(start_index, start_index + size), batch)  # pad the last batch
                 noise, labels = jnp.asarray(self.noise[take], dtype), jnp.asarray(self.labels[take])
                 start = time.perf_counter()
-                x, n, r = jax.block_until_ready(compiled(self.params, noise, labels, scale))
+                x, n, rej, r = jax.block_until_ready(compiled(self.params, noise, labels, scale))
                 seconds += time.perf_counter() - start
                 images.append(np.asarray(x)[:size])
                 nfe.append(np.asarray(n)[:size])
+                rejected.append(np.asarray(rej)[:size])
                 results.append(np.asarray(r)[:size])
-        return {"images": np.concatenate(images), "nfe": np.concatenate(nfe), "result": np.concatenate(results),
-                "seconds": seconds, "compile_seconds": compile_seconds}
+        return {"images": np.concatenate(images), "nfe": np.concatenate(nfe), "rejected": np.concatenate(rejected),
+                "result": np.concatenate(results), "seconds": seconds, "compile_seconds": compile_seconds}
 
 
 def _rms(a: np.ndarray, b: np.ndarray) -> float:
@@ -436,6 +438,7 @@ def _row(setting: Setting, res: dict[str, Any], ref_images, figures: dict[str, f
         "guidance_interval": setting.guidance_interval,
         "stepping": ("per_sample" if setting.per_sample else "batch") if setting.adaptive else None,
         "nfe_max": int(np.max(res["nfe"])),
+        "rejected_steps": float(np.mean(res["rejected"])),
         "compile_seconds": res["compile_seconds"],
         "num_failed": failed,
     }
@@ -445,7 +448,8 @@ def _row(setting: Setting, res: dict[str, Any], ref_images, figures: dict[str, f
 def _brief(row: dict[str, Any] | None) -> dict[str, Any] | None:
     if row is None:
         return None
-    return {k: row[k] for k in ("nfe", "nfe_max", "seconds_per_sample", "rms_error", *QUALITY, "num_failed")}
+    return {k: row[k] for k in ("nfe", "nfe_max", "rejected_steps", "seconds_per_sample", "rms_error", *QUALITY,
+                                "num_failed")}
 
 
 def _stepping_recommendation(stepping: list[dict[str, Any]]) -> str | None:
@@ -609,11 +613,11 @@ def markdown_tables(result: dict[str, Any]) -> str:
             for mode in ("batch", "per_sample"):
                 r = s[mode]
                 if r is not None:
-                    body.append([s["solver"], s["rtol"], mode, r["nfe"], r["nfe_max"], 1e3 * r["seconds_per_sample"],
-                                 r["rms_error"], r["num_failed"]])
+                    body.append([s["solver"], s["rtol"], mode, r["nfe"], r["nfe_max"], r["rejected_steps"],
+                                 1e3 * r["seconds_per_sample"], r["rms_error"], r["num_failed"]])
         parts += ["\n\n## Batch against per-sample adaptive stepping\n",
-                  _md_table(["solver", "rtol", "stepping", "mean NFE", "max NFE", "ms/sample", "RMS error",
-                             "failed"], body)]
+                  _md_table(["solver", "rtol", "stepping", "mean NFE", "max NFE", "rejected steps", "ms/sample",
+                             "RMS error", "failed"], body)]
         if result.get("stepping_recommendation"):
             parts.append("\n\n" + result["stepping_recommendation"])
     if result["guidance"]:

@@ -7,6 +7,7 @@ One example per call: `DiT(cfg, key=...)(x, t, y)` maps x (H, W, C), t () and y 
 from __future__ import annotations
 
 import math
+import os
 
 import equinox as eqx
 import jax
@@ -70,10 +71,12 @@ class Linear(eqx.Module):
     bias: Float[Array, " out"]
     dtype: str = eqx.field(static=True, default="float32")
 
-    def __call__(self, x: Float[Array, "... in"]) -> Float[Array, "... out"]:
+    def __call__(self, x: Float[Array, "... in"], *, compute_dtype_out: bool = False) -> Float[Array, "... out"]:
+        """`compute_dtype_out` keeps the result in the compute dtype (halving the memory traffic of
+        wide activations under bf16); otherwise it comes back in the input's dtype."""
         dtype = jnp.dtype(self.dtype)
         y = jnp.matmul(x.astype(dtype), self.weight.T.astype(dtype), preferred_element_type=jnp.float32)
-        return _add_bias(y, self.bias).astype(x.dtype)
+        return _add_bias(y, self.bias).astype(dtype if compute_dtype_out else x.dtype)
 
 
 def _xavier(key: PRNGKeyArray, out_features: int, in_features: int, dtype: str) -> Linear:
@@ -102,6 +105,31 @@ class LayerNorm(eqx.Module):
 
     def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
         return _add_bias(_layer_norm(x, eps=self.eps) * self.weight.reshape((1,) * (x.ndim - 1) + self.weight.shape), self.bias)
+
+
+def attention_implementation(dtype, head_dim: int) -> str | None:
+    """cuDNN's fused attention on GPUs for bf16/fp16 heads it supports; XLA's otherwise.
+
+    `RFDIT_ATTENTION=xla|cudnn` forces one (for benchmarks).
+    """
+    forced = os.environ.get("RFDIT_ATTENTION")
+    if forced:
+        return None if forced == "xla" else forced
+    if jax.default_backend() != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return None
+    return "cudnn" if head_dim % 8 == 0 and head_dim <= 128 else None
+
+
+def attention(q: Float[Array, "n h d"], k: Float[Array, "n h d"], v: Float[Array, "n h d"]) -> Float[Array, "n h d"]:
+    """Softmax attention over one example's tokens, fused where the backend allows."""
+    implementation = attention_implementation(q.dtype, q.shape[-1])
+    with jax.numpy_dtype_promotion("standard"):  # jax's XLA attention promotes bf16 logits to f32
+        if implementation is not None:
+            try:
+                return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+            except (ValueError, NotImplementedError, RuntimeError):
+                pass  # an unsupported shape or build: fall back to XLA's attention
+        return jax.nn.dot_product_attention(q, k, v)
 
 
 class DiTBlock(eqx.Module):
@@ -138,17 +166,16 @@ class DiTBlock(eqx.Module):
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(self.modulation(jax.nn.silu(c)), 6)
 
         h = _modulate(_layer_norm(x), shift_a, scale_a)  # (n, d)
-        q, k, v = jnp.split(self.qkv(h).reshape(n, 3, self.num_heads, d // self.num_heads), 3, axis=1)
+        qkv = self.qkv(h, compute_dtype_out=True)  # (n, 3d) in the compute dtype
+        q, k, v = jnp.split(qkv.reshape(n, 3, self.num_heads, d // self.num_heads), 3, axis=1)
         q, k, v = q[:, 0], k[:, 0], v[:, 0]  # (n, heads, head_dim) each
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        dtype = jnp.dtype(self.qkv.dtype)  # bf16 attention under mixed precision (a fused kernel on GPUs)
-        with jax.numpy_dtype_promotion("standard"):  # jax's XLA attention promotes bf16 logits to f32
-            attn = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype))  # (n, heads, hd)
-        x = x + gate_a[None] * self.proj(attn.reshape(n, d).astype(x.dtype))
+            q, k = self.q_norm(q.astype(jnp.float32)).astype(q.dtype), self.k_norm(k.astype(jnp.float32)).astype(k.dtype)
+        attn = attention(q, k, v)  # (n, heads, head_dim)
+        x = x + gate_a[None] * self.proj(attn.reshape(n, d)).astype(x.dtype)
 
         h = _modulate(_layer_norm(x), shift_m, scale_m)
-        h = self.fc2(jax.nn.gelu(self.fc1(h), approximate=True))  # (n, d)
+        h = self.fc2(jax.nn.gelu(self.fc1(h, compute_dtype_out=True), approximate=True)).astype(x.dtype)  # (n, d)
         return x + gate_m[None] * h
 
 

@@ -6,7 +6,8 @@
 The first trains the digits default model (batch 128, 10 steps per call) on the embedded
 digits; the second writes a synthetic 32×32 JPEG folder (4,096 images, 10 classes) to a
 temporary directory, unless `--dataset_path` names one, and trains a small DiT on it.
-Each takes about a minute on a 2-core CPU. The loop copies the training loop's: a
+On a 2-core CPU the first takes under a minute, the second about two (the training step
+dominates; its time varies with the machine's load). The loop copies the training loop's: a
 `Prefetcher` over `Dataset.batches`, one compiled call per `steps_per_call` batches, no
 host sync except at the end. The last line printed is one JSON object: `blocked_fraction`
 (time in `next()` over wall time, after warm-up), step time, and the pipeline's throughput

@@ -3,6 +3,7 @@
 import io
 import json
 import math
+import os
 import pathlib
 import time
 
@@ -49,10 +50,10 @@ def _write_image_folder(root: pathlib.Path, rng) -> None:
     """Three classes; odd modes and sizes; three corrupt files and a stray non-image file."""
     modes = ["RGB", "L", "LA", "P", "RGBA", "CMYK", "I;16", "RGB"]
     sizes = [(16, 16), (40, 24), (12, 12), (24, 40), (64, 48), (16, 16), (20, 20), (33, 17)]
-    for c, name in enumerate(["cat", "dog", "eel"]):
+    for name in ("cat", "dog", "eel"):
         folder = root / name
         folder.mkdir(parents=True)
-        for i, (mode, (w, h)) in enumerate(zip(modes, sizes)):
+        for i, (mode, (w, h)) in enumerate(zip(modes, sizes, strict=True)):
             rgb = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
             if mode == "I;16":
                 image = Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))
@@ -306,8 +307,10 @@ def test_streaming_reads_local_shards_through_the_shuffle_buffer(data_root):
 
 
 def test_decoded_batches_are_a_function_of_seed_and_step(data_root):
-    make = lambda seed: load_dataset("cifar10", batch_size=BATCH, path=str(data_root / "cifar10"), seed=seed)
-    a, b, c = make(0).train, make(0).train, make(1).train
+    def make(seed):
+        return load_dataset("cifar10", batch_size=BATCH, path=str(data_root / "cifar10"), seed=seed).train
+
+    a, b, c = make(0), make(0), make(1)
     np.testing.assert_array_equal(a.batch(4)[0], b.batch(4)[0])
     assert not np.array_equal(a.indices(4), c.indices(4))
     assert not np.array_equal(a.global_indices(0), a.global_indices(3))  # epochs are reshuffled
@@ -315,11 +318,11 @@ def test_decoded_batches_are_a_function_of_seed_and_step(data_root):
 
 @pytest.mark.parametrize("kind", ["folder", "stream"])
 def test_batches_resume_exactly_across_an_epoch_boundary(data_root, kind):
-    if kind == "folder":  # with corrupt files and flips
-        make = lambda: load_dataset("imagefolder", batch_size=9, path=str(data_root / "folder"), image_size=16,
-                                    seed=3)
-    else:
-        make = lambda: _stream(data_root, seed=3, image_size=16)
+    def make():
+        if kind == "folder":  # with corrupt files and flips
+            return load_dataset("imagefolder", batch_size=9, path=str(data_root / "folder"), image_size=16, seed=3)
+        return _stream(data_root, seed=3, image_size=16)
+
     data = make()
     steps = data.train.steps_per_epoch
     uninterrupted = _collect(data.batches(0), steps + 2)
@@ -424,3 +427,16 @@ def test_train_cli_offline_error_comes_before_training(tmp_path, monkeypatch):
         main(["--dataset_name", "cifar10", *_cli_flags(tmp_path / "run")])
     assert time.perf_counter() - start < 10
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_train_tiny_imagenet_script_resolves_the_originals_recipe(tmp_path):
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "train_tiny_imagenet.sh"
+    env = {**os.environ, "DATA": str(tmp_path), "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"}
+    out = subprocess.run(["bash", str(script), "--dry_run"], env=env, capture_output=True, text=True, check=True)
+    config = json.loads(out.stdout[out.stdout.index("{"):])
+    assert (config["dataset_name"], config["dataset_path"]) == ("tiny-imagenet", str(tmp_path))
+    assert (config["batch_size"], config["model"]["patch_size"], config["model"]["hidden_size"]) == (64, 8, 768)
+    assert config["use_stable_vae"] is False

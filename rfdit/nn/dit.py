@@ -264,7 +264,9 @@ class DiT(eqx.Module):
         if self.remat:
             run_block = jax.checkpoint(run_block)
 
-        tokens, _ = jax.lax.scan(run_block, tokens, block_arrays)  # (n, d)
+        # RFDIT_SCAN_UNROLL=k unrolls k blocks per scan iteration (a benchmark knob)
+        unroll = int(os.environ.get("RFDIT_SCAN_UNROLL", "1"))
+        tokens, _ = jax.lax.scan(run_block, tokens, block_arrays, unroll=unroll)  # (n, d)
 
         shift, scale = jnp.split(self.final_modulation(jax.nn.silu(c)), 2)
         out = self.final_linear(_modulate(_layer_norm(tokens), shift, scale))  # (n, p*p*O)

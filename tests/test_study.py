@@ -1,0 +1,144 @@
+import csv
+import importlib.util
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rfdit
+from rfdit.checkpoint import Checkpointer
+from rfdit.config import OptimConfig
+from rfdit.studies import StudyConfig
+from rfdit.train import TrainState, make_optimizer
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# Step counts where each error lies far above float64 round-off (> 1e-13) and in the
+# asymptotic regime, on the field below.
+ORDERS = {
+    "euler": (1, (8, 16, 32, 64)),
+    "midpoint": (2, (8, 16, 32, 64)),
+    "heun": (2, (8, 16, 32, 64)),
+    "ralston": (2, (8, 16, 32, 64)),
+    "tsit5": (5, (6, 8, 12, 16)),
+    "dopri5": (5, (6, 8, 12, 16)),
+    "dopri8": (8, (2, 3, 4, 5)),
+}
+
+
+def logistic_field(t, x):
+    """dx/dt = cos(t)·x(1-x): nonlinear and time-dependent, x(t) = 1 / (1 + c·exp(-sin t))."""
+    return jnp.cos(t) * x * (1 - x)
+
+
+def logistic_solution(t, c):
+    return 1 / (1 + c * np.exp(-np.sin(t)))
+
+
+@pytest.mark.parametrize("solver", list(ORDERS))
+def test_solve_order_of_convergence(solver):
+    order, counts = ORDERS[solver]
+    c = np.asarray([0.5, 1.0, 2.0, 4.0])
+    # One compiled solve for every step count: each grid is padded at its start with steps of
+    # 1e-250 just below t = 0, which change x by h·v ~ 1e-250 and so leave it bit for bit as it is.
+    longest = max(counts)
+    grids = np.stack([np.concatenate([-1e-250 * np.arange(longest - n, 0, -1), np.linspace(0.0, 1.0, n + 1)])
+                      for n in counts])
+    with jax.enable_x64(True):
+        x0 = jnp.asarray(logistic_solution(0.0, c))
+        x1 = jax.vmap(lambda ts: rfdit.solve(logistic_field, x0, solver=solver, ts=ts)[0])(jnp.asarray(grids))
+    errors = np.sqrt(np.mean((np.asarray(x1) - logistic_solution(1.0, c)) ** 2, axis=1))
+    assert np.all(errors > 1e-13), errors
+    slope = np.polyfit(np.log(1.0 / np.asarray(counts)), np.log(errors), 1)[0]
+    assert abs(slope - order) < 0.3, (slope, errors)
+
+
+def test_solve_padding_steps_leave_the_state_unchanged():
+    # the premise of the test above, checked directly
+    with jax.enable_x64(True):
+        x0 = jnp.asarray(logistic_solution(0.0, np.asarray([2.0])))
+        plain, _ = rfdit.solve(logistic_field, x0, solver="heun", num_steps=4)
+        padded, _ = rfdit.solve(logistic_field, x0, solver="heun",
+                                ts=np.concatenate([-1e-250 * np.arange(3, 0, -1), np.linspace(0.0, 1.0, 5)]))
+    assert jnp.array_equal(plain, padded)
+
+
+def write_tiny_checkpoint(run_dir: pathlib.Path) -> None:
+    """A digits-shaped run folder with one checkpoint of a tiny random DiT (no training)."""
+    cfg = rfdit.DiTConfig(image_size=8, in_channels=1, patch_size=4, hidden_size=16, depth=1, num_heads=2,
+                          mlp_ratio=1.0, num_classes=10)
+    skeleton = eqx_eval_shape(cfg)
+    rng = np.random.default_rng(0)
+    leaves, treedef = jax.tree_util.tree_flatten(skeleton)
+    # numpy draws: every weight random (the zero-initialised output layer would make v = 0)
+    leaves = [jnp.asarray(0.2 * rng.normal(size=x.shape), x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x
+              for x in leaves]
+    model = jax.tree_util.tree_unflatten(treedef, leaves)
+    optim = OptimConfig()
+    with jax.numpy_dtype_promotion("standard"):
+        state = TrainState.create(model, make_optimizer(optim), key=jax.random.key(0))
+    run = {"model": cfg.to_dict(), "optim": optim.to_dict(), "dataset_name": "digits", "use_stable_vae": False,
+           "sampler": {"solver": "euler", "num_steps": 32, "cfg_scale": 1.0}}
+    with Checkpointer(run_dir / "checkpoints") as checkpointer:
+        checkpointer.save(0, state, {"run": run, "data_step": 0})
+
+
+def eqx_eval_shape(cfg):
+    import equinox as eqx
+
+    return eqx.filter_eval_shape(rfdit.DiT, cfg, key=jax.random.key(0))
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sampling_study_smoke_run_writes_table_json_and_plots(tmp_path):
+    write_tiny_checkpoint(tmp_path / "run")
+    out = tmp_path / "study"
+    result = load_script("sampling_study").main([
+        "--load_dir", str(tmp_path / "run"), "--out", str(out), "--solvers", "euler", "heun", "--steps", "2",
+        "--tolerances", "1e-2", "--num_samples", "12", "--table_steps", "2", "--stepping_solvers", "heun",
+        "--reference_solver", "heun", "--reference_tol", "1e-4", "--reference_check_samples", "0",
+    ])
+    with (out / "study.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[:11] == ["solver", "num_steps", "rtol", "atol", "nfe", "seconds_per_sample", "rms_error",
+                                  "class_acc", "fd_feat", "precision", "recall"]
+    by = {(r["section"], r["solver"], r["num_steps"], r["rtol"], r["stepping"]): r for r in rows}
+    euler = by[("grid", "euler", "2", "", "")]
+    heun_fixed = by[("grid", "heun", "2", "", "")]
+    heun_adaptive = by[("grid", "heun", "", "0.01", "batch")]
+    per_sample = by[("stepping", "heun", "", "0.01", "per_sample")]
+    assert ("reference", "heun", "", "0.0001", "per_sample") in by
+    assert float(euler["nfe"]) == 2 and float(heun_fixed["nfe"]) == 4
+    assert float(heun_adaptive["nfe"]) >= 4 and float(per_sample["nfe_max"]) >= float(per_sample["nfe"])
+    # second order beats first order at the same step count, against the same reference
+    assert 0 < float(heun_fixed["rms_error"]) < float(euler["rms_error"])
+    for row in (euler, heun_fixed, heun_adaptive, per_sample):
+        assert float(row["seconds_per_sample"]) > 0 and 0 <= float(row["class_acc"]) <= 1
+        assert float(row["fd_feat"]) > 0
+    study = json.loads((out / "study.json").read_text())
+    assert study["rows"] == json.loads(json.dumps(result["rows"]))
+    assert [t["num_steps"] for t in study["steps_table"]] == [2]
+    assert study["stepping"][0]["per_sample"]["nfe_max"] >= 4 and study["stepping_recommendation"]
+    assert study["reference"]["state_dtype"] == "float64" and study["machine"]["cpu_count"] >= 1
+    assert study["command"].startswith("python experiments/sampling_study.py --load_dir")
+    for name in ("error_vs_nfe.png", "quality_vs_nfe.png", "study.md"):
+        assert (out / name).stat().st_size > 0
+    assert "Quality against Euler steps" in (out / "study.md").read_text()
+
+
+def test_study_config_refuses_bad_settings():
+    with pytest.raises(ValueError, match="euler has no error estimate"):
+        StudyConfig(load_dir="x", out="y", stepping_solvers=("euler",))
+    with pytest.raises(ValueError, match="guidance_interval"):
+        StudyConfig(load_dir="x", out="y", guidance_interval=(0.8, 0.2))
+    with pytest.raises(ValueError, match="step counts"):
+        StudyConfig(load_dir="x", out="y", steps=(0, 4))

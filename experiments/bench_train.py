@@ -63,6 +63,8 @@ class Args:
     """jax_default_matmul_precision; default: "highest" for float32 (true f32, not TF32), "default" for bf16"""
     fsdp: int = 1
     remat: bool = False
+    scan_unroll: int = 1
+    """blocks unrolled per scan iteration (the full depth is fastest on GPUs, slower to compile)"""
     baseline: bool = False
     max_batch_from: tuple[int, ...] = ()
     sample_batch: int = 0
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     key = jr.key(args.seed)
     model_key, state_key, data_key = jr.split(key, 3)
-    model = rfdit.DiT(cfg, key=model_key, dtype=dtype, remat=args.remat)
+    model = rfdit.DiT(cfg, key=model_key, dtype=dtype, remat=args.remat, scan_unroll=args.scan_unroll)
     optim = rfdit.OptimConfig()
     optimizer = rfdit.make_optimizer(optim)
     mesh = make_mesh(args.fsdp)
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     result.update({
         "device": f"{device.device_kind} x{jax.device_count()}",
         "config": {**cfg.to_dict(), "batch_size": batch_size, "steps_per_call": k, "precision": args.precision,
-                   "fsdp": args.fsdp, "remat": args.remat},
+                   "fsdp": args.fsdp, "remat": args.remat, "scan_unroll": args.scan_unroll},
         "matmul_precision": matmul_precision,
         "params": cfg.num_params(),
         "gflops_per_img": flops_per_img / 1e9,

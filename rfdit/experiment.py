@@ -162,6 +162,8 @@ class TrainArgs:
     """shard parameters and optimizer state over this many devices (the rest is data-parallel)"""
     remat: bool = False
     """recompute each block's activations in the backward pass (less memory, ~1/3 more compute)"""
+    scan_unroll: int = 1
+    """blocks unrolled per scan iteration; the model's depth is fastest on GPUs (slower to compile)"""
     grad_accum: int = 1
     """split each batch into this many micro-batches (the same update as the full batch)"""
     coordinator_address: str | None = None
@@ -195,6 +197,7 @@ class RunConfig:
     precision: str
     fsdp: int
     remat: bool
+    scan_unroll: int
     grad_accum: int
     debug_overfit: bool
     use_stable_vae: bool
@@ -269,7 +272,8 @@ def resolve(args: TrainArgs) -> RunConfig:
         data_image_size=data_size,
         data_channels=defaults.channels, batch_size=args.batch_size or defaults.batch_size, max_steps=max_steps,
         seed=args.seed, steps_per_call=k, keep_checkpoints=args.keep_checkpoints, num_samples=args.num_samples,
-        precision=args.precision, fsdp=args.fsdp, remat=args.remat, grad_accum=args.grad_accum,
+        precision=args.precision, fsdp=args.fsdp, remat=args.remat, scan_unroll=args.scan_unroll,
+        grad_accum=args.grad_accum,
         debug_overfit=bool(args.debug_overfit), use_stable_vae=use_vae, vae_path=vae_path,
         fid_stats=args.fid_stats, model=model, flow=flow, optim=optim, sampler=sampler,
         wandb={"project": args.wandb.project, "name": args.wandb.name.format(dataset_name=args.dataset_name),
@@ -488,7 +492,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
     optimizer = make_optimizer(run.optim)
     with jax.numpy_dtype_promotion("standard"):
         model = DiT(run.model, key=model_key, dtype="bfloat16" if run.precision == "bf16" else "float32",
-                    remat=run.remat)
+                    remat=run.remat, scan_unroll=run.scan_unroll)
         state = TrainState.create(model, optimizer, key=state_key)
 
     with Checkpointer(run_dir / "checkpoints", max_to_keep=run.keep_checkpoints) as checkpointer:

@@ -366,6 +366,16 @@ def test_decoded_batches_topology_does_not_change_replacements(data_root):
         np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), y)
 
 
+def test_flip_false_gives_the_images_as_they_are(data_root):
+    def first_batch(flip):
+        data = load_dataset("imagefolder", batch_size=9, path=str(data_root / "folder"), image_size=16, flip=flip)
+        return data.train.batch(0)[0]
+
+    flipped, plain = first_batch(True), first_batch(False)
+    mirrored = [not np.array_equal(a, b) and np.array_equal(a, b[:, ::-1]) for a, b in zip(flipped, plain)]
+    assert any(mirrored) and all(m or np.array_equal(a, b) for m, a, b in zip(mirrored, flipped, plain))
+
+
 def test_debug_overfit_repeats_a_few_examples(data_root):
     data = load_dataset("cifar10", batch_size=BATCH, path=str(data_root / "cifar10"), debug_overfit=True)
     labels = np.concatenate([y for _, y in _collect(data.batches(0), 4)])

@@ -132,6 +132,7 @@ def load_dataset(
     shuffle_buffer: int = 10_000,
     num_workers: int | None = None,
     prefetch: int = 2,
+    flip: bool = True,
 ) -> Dataset:
     """Load a data set by name; images come as float32 in [-1, 1], channels-last.
 
@@ -150,13 +151,15 @@ def load_dataset(
         shuffle_buffer: records in a stream's shuffle buffer.
         num_workers: decoding threads (default: the CPU count, at most 16).
         prefetch: global batches decoded ahead, besides the one being consumed.
+        flip: random horizontal flips of training images (ADM/DiT); turn off for reference
+            statistics or feature extraction that must see the images as they are.
 
     Every check of the data (columns, labels, decodability, the network) happens here, before
     training starts.
     """
     if shuffle_buffer < 1:
         raise ValueError(f"shuffle_buffer (={shuffle_buffer}) must be at least 1 (1 keeps the stream's order).")
-    options = dict(seed=seed, process_index=process_index, process_count=process_count, flip=True,
+    options = dict(seed=seed, process_index=process_index, process_count=process_count, flip=flip,
                    num_workers=num_workers, prefetch=prefetch)
     if name == "digits":
         data = _digits(batch_size, seed, process_index, process_count, debug_overfit)

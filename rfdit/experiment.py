@@ -28,6 +28,7 @@ from . import plots
 from .checkpoint import Checkpointer, CheckpointError, export_model, load_export
 from .config import PRESETS, DiTConfig, FlowConfig, OptimConfig, SamplerConfig
 from .data import load_dataset
+from .data.digits import LEVELS as DIGITS_LEVELS
 from .data.latents import LatentBatches, read_latents_meta
 from .distributed import global_batch, initialize, local_copy, make_mesh, shard_state
 from .flow import interpolate
@@ -148,6 +149,8 @@ class TrainArgs:
     """resume from a run folder (or its checkpoints/)"""
     fid_stats: str | None = None
     debug_overfit: Literal[0, 1] = 0
+    dequantize: Literal[0, 1] | None = None
+    """add uniform noise of one quantisation step to training images (digits: on; 17 levels)"""
     use_stable_vae: Literal[0, 1] | None = None
     """the original's top-level spelling of --model.use_stable_vae"""
     steps_per_call: int | None = None
@@ -200,6 +203,7 @@ class RunConfig:
     scan_unroll: int
     grad_accum: int
     debug_overfit: bool
+    dequantize: bool
     use_stable_vae: bool
     vae_path: str | None
     fid_stats: str | None
@@ -208,6 +212,7 @@ class RunConfig:
     optim: OptimConfig
     sampler: SamplerConfig
     wandb: dict[str, str]
+    explicit_num_classes: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -236,8 +241,17 @@ def resolve(args: TrainArgs) -> RunConfig:
         use_vae, data_size, num_classes = True, meta["image_size"], meta["num_classes"]
         image_size, _, channels = meta["latent_shape"]
         vae_path = vae_path or meta.get("vae_path")
-    elif use_vae:
+    if args.dataset_name == "imagefolder" and args.dataset_path is not None and m.num_classes is None:
+        from .data.images import list_image_folder
+
+        num_classes = max(1, len(list_image_folder(args.dataset_path)[2]))  # class subfolders, or 1 if flat
+    if args.dataset_name != "latents" and use_vae:
         vae_path = vae_path or DEFAULT_VAE
+        factor, channels = _vae_geometry(vae_path)
+        if data_size % factor:
+            raise ValueError(f"the image size (={data_size}) must be divisible by the VAE's downsampling factor "
+                             f"(={factor}); pass --image_size.")
+        image_size = data_size // factor
 
     architecture = dict(defaults.architecture)
     if m.preset is not None or not architecture:
@@ -274,12 +288,25 @@ def resolve(args: TrainArgs) -> RunConfig:
         seed=args.seed, steps_per_call=k, keep_checkpoints=args.keep_checkpoints, num_samples=args.num_samples,
         precision=args.precision, fsdp=args.fsdp, remat=args.remat, scan_unroll=args.scan_unroll,
         grad_accum=args.grad_accum,
-        debug_overfit=bool(args.debug_overfit), use_stable_vae=use_vae, vae_path=vae_path,
+        debug_overfit=bool(args.debug_overfit), use_stable_vae=use_vae,
+        dequantize=bool(args.dequantize if args.dequantize is not None else args.dataset_name == "digits"), vae_path=vae_path,
         fid_stats=args.fid_stats, model=model, flow=flow, optim=optim, sampler=sampler,
+        explicit_num_classes=m.num_classes is not None,
         wandb={"project": args.wandb.project, "name": args.wandb.name.format(dataset_name=args.dataset_name),
                "mode": args.wandb.mode},
         **intervals,
     )
+
+
+def _vae_geometry(vae_path: str) -> tuple[int, int]:
+    """(downsampling factor, latent channels) of a VAE folder's config; the SD VAE's (8, 4) for Hub ids."""
+    config_path = pathlib.Path(vae_path) / "config.json"
+    if not config_path.is_file():
+        return 8, 4
+    from .nn.vae import VAEConfig
+
+    config = VAEConfig.from_diffusers_config(json.loads(config_path.read_text()))
+    return config.downsample_factor, config.latent_channels
 
 
 def parse_args(argv: list[str] | None) -> TrainArgs:
@@ -508,9 +535,11 @@ def _load_data(run: RunConfig):
         eval_count = min(256, len(batches.labels))
         return Dataset("latents", run.model.image_size, run.model.in_channels, run.model.num_classes, batches,
                        np.asarray(batches.mean[:eval_count], np.float32), np.asarray(batches.labels[:eval_count]))
+    # an image folder's classes come from its subfolders; other data sets must fit the model's labels
+    num_classes = None if run.dataset_name == "imagefolder" and not run.explicit_num_classes else run.model.num_classes
     return load_dataset(run.dataset_name, batch_size=run.batch_size, path=run.dataset_path,
                         image_size=run.data_image_size, tfds_data_dir=run.tfds_data_dir,
-                        debug_overfit=run.debug_overfit, **common)
+                        debug_overfit=run.debug_overfit, num_classes=num_classes, **common)
 
 
 def _load_vae(run: RunConfig):
@@ -534,6 +563,15 @@ def _model_space(run: RunConfig, vae):
             return mean + std * jr.normal(jr.fold_in(latent_key, step), mean.shape)
 
         return lambda images, step: draw(images, step)
+    if vae is None and run.dequantize:
+        step_size = 2.0 / (DIGITS_LEVELS - 1)  # one quantisation step of the [-1, 1] range
+
+        @jax.jit
+        def dequantize(images, step):
+            noise = jr.uniform(jr.fold_in(latent_key, step), images.shape, minval=-0.5, maxval=0.5)
+            return images + step_size * noise
+
+        return dequantize
     if vae is None:
         return lambda images, step: images
 
@@ -625,6 +663,7 @@ def _train(args, run, run_dir, state, optimizer, checkpointer, sample_key, is_ma
                               for name in pending[0]}
                     elapsed = time.perf_counter() - interval_start
                     values["img_per_s"] = interval_steps * run.batch_size / elapsed
+                    values.update({f"data/{name}": count for name, count in data.stats().items()})
                     pending, interval_start, interval_steps = [], time.perf_counter(), 0
                     logger.log(step, values)
                     progress.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['img_per_s']:.0f}")

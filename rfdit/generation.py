@@ -544,6 +544,7 @@ def dataset_statistics(
 
     kwargs = {k: v for k, v in dict(path=dataset_path, image_size=image_size, tfds_data_dir=tfds_data_dir).items()
               if v is not None}
+    kwargs.setdefault("flip", False)  # reference statistics of the data as it is, not augmented
     dataset = load_dataset(dataset_name, batch_size=batch_size, seed=seed, **kwargs)
     if dataset.channels not in (1, 3):
         raise ValueError(

@@ -105,3 +105,31 @@ def write_latents(
     np.save(out / "labels.npy", labels)
     (out / META).write_text(json.dumps({**meta, "count": count, "latent_shape": list(mean_file.shape[1:])}, indent=2))
     return out
+
+
+def extract_latents(
+    dataset_name: str,
+    vae_path: str,
+    out: str | pathlib.Path,
+    *,
+    dataset_path: str | None = None,
+    image_size: int | None = None,
+    batch_size: int = 64,
+    num_images: int | None = None,
+    vae_dtype: str = "float32",
+    **dataset_options,
+) -> pathlib.Path:
+    """Encode one epoch of a data set (unflipped, the order of seed 0) with the VAE into `out`."""
+    from ..nn.vae import StableVAE
+    from . import load_dataset
+
+    vae = StableVAE.from_pretrained(vae_path, dtype=vae_dtype)
+    options = dict(path=dataset_path, flip=False, **dataset_options)
+    if image_size is not None:
+        options["image_size"] = image_size
+    data = load_dataset(dataset_name, batch_size=batch_size, seed=0, **options)
+    count = data.train.steps_per_epoch * batch_size
+    count = count if num_images is None else min(count, num_images)
+    meta = {"dataset_name": dataset_name, "image_size": data.image_size, "num_classes": data.num_classes,
+            "vae_path": str(vae_path), "scaling_factor": vae.config.scaling_factor}
+    return write_latents(out, data.batches(0), vae.encode_distribution, count=count, meta=meta)

@@ -481,6 +481,7 @@ class Prefetcher:
 
     def __init__(self, iterator: Iterator, depth: int = 2):
         import queue
+        import threading
 
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._done = object()
@@ -499,10 +500,6 @@ class Prefetcher:
                         return
             except BaseException as error:  # re-raised in the consumer's thread
                 self._queue.put(error)
-            finally:
-                close = getattr(iterator, "close", None)
-                if close is not None:  # a generator's `finally` releases its decode threads and streams
-                    close()
             self._queue.put(self._done)
 
         self._thread = threading.Thread(target=work, daemon=True)

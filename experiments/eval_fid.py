@@ -23,13 +23,12 @@ import dataclasses
 import datetime
 import json
 import pathlib
-import sys
 import time
 from typing import Any, Literal
 
 import jax.random as jr
 
-from rfdit.checkpoint import CheckpointError
+from rfdit.cli import run_cli
 from rfdit.generation import (
     RANDOM_INCEPTION_WARNING,
     dataset_statistics,
@@ -194,14 +193,7 @@ def run(args: EvalFidArgs) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, CheckpointError) as error:
-        if argv is not None:  # called in-process (tests): let the caller see the exception
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return run_cli(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,13 @@ import dataclasses
 import datetime
 import json
 import pathlib
-import sys
 from typing import Any, Literal
 
 import jax.random as jr
 import numpy as np
 
 from rfdit import plots
-from rfdit.checkpoint import CheckpointError
+from rfdit.cli import run_cli
 from rfdit.generation import generate, grid_shape, load_for_sampling, resolve_sampler, uniform_labels
 
 Solver = Literal["euler", "midpoint", "heun", "ralston", "tsit5", "dopri5", "dopri8"]
@@ -121,14 +120,7 @@ def run(args: SampleArgs) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, CheckpointError) as error:
-        if argv is not None:  # called in-process (tests): let the caller see the exception
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return run_cli(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import jax.random as jr
 import numpy as np
 
 from . import plots
+from .cli import run_cli
 from .checkpoint import Checkpointer, CheckpointError, export_model, load_export
 from .config import PRESETS, DiTConfig, FlowConfig, OptimConfig, SamplerConfig
 from .data import load_dataset
@@ -387,6 +388,7 @@ class Evaluation:
     def __init__(self, run: RunConfig, run_dir: pathlib.Path, data, vae=None):
         self.run, self.dir, self.data = run, run_dir, data
         self.grid_dir = run_dir / "grids"
+        self.vae = vae
         self.decode = vae.decode if vae is not None else (lambda x: x)
         # held-out examples in the model's space (latents for a latent model), for reconstructions and losses
         count = min(256, len(data.eval_images))
@@ -444,20 +446,14 @@ class Evaluation:
 
     def generate(self, model, num: int, *, key) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """`num` samples spread evenly over the classes, with the run's default sampler."""
+        from .generation import generate
+
         labels = _class_labels(num, self.run.model.num_classes)
         s = self.run.sampler
-        shape = (self.run.model.image_size, self.run.model.image_size, self.run.model.in_channels)
-        # the grids' batch size, so the final sampler reuses the grids' compiled solve
-        out, nfe, batch = [], 0, len(self.labels)
-        for i, start in enumerate(range(0, num, batch)):
-            y = jnp.asarray(np.resize(labels[start : start + batch], batch))  # pad the last batch
-            noise = jr.normal(jr.fold_in(key, i), (batch, *shape))
-            x, stats = sample(model, noise, y, cfg_scale=jnp.asarray(s.cfg_scale), solver=s.solver,
-                              num_steps=s.num_steps)
-            out.append(self.images(x)[: min(batch, num - start)])
-            nfe = int(stats["nfe"])
-        return np.concatenate(out), labels, {"nfe": nfe, "solver": s.solver, "num_steps": s.num_steps,
-                                             "cfg_scale": s.cfg_scale}
+        images, stats = generate(model, labels=labels, key=key, solver=s.solver, num_steps=s.num_steps,
+                                 cfg_scale=s.cfg_scale, batch_size=len(self.labels), vae=self.vae, progress=False)
+        return images, labels, {"nfe": stats["nfe_per_batch"][0], "solver": s.solver, "num_steps": s.num_steps,
+                                "cfg_scale": s.cfg_scale}
 
     def figures(self, model, num: int, *, key) -> dict[str, float]:
         if self.evaluator is None:
@@ -735,13 +731,9 @@ def evaluate(evaluation: Evaluation, model, step: int, key, *, num: int) -> dict
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    if not args.dry_run:
-        initialize(args.coordinator_address, args.num_processes, args.process_id)
-    try:
+    def run(args: TrainArgs) -> dict[str, Any]:
+        if not args.dry_run:
+            initialize(args.coordinator_address, args.num_processes, args.process_id)
         return train(args)
-    except (ValueError, CheckpointError) as error:
-        if argv is not None:  # called in-process (tests): let the caller see the exception
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+
+    return run_cli(parse_args, run, argv)

@@ -348,6 +348,7 @@ def run_study(cfg: StudyConfig, *, command: str | None = None, progress: bool = 
         row = _row(setting, res, ref["images"], quality(res["images"], labels), section)
         rows.append(row)
         done[setting] = row
+        write_csv(rows, out / "study.csv")  # as it goes: a long study stopped midway keeps its rows
         log(" ".join(f"{k}={_fmt(row[k])}" for k in ("section", "solver", "num_steps", "rtol", "time_shift",
                                                        "cfg_scale", "guidance_interval", "stepping", "nfe",
                                                        "rms_error", "fd_feat", "class_acc") if row.get(k) is not None))
@@ -470,16 +471,21 @@ def _stepping_recommendation(stepping: list[dict[str, Any]]) -> str | None:
 def write_outputs(result: dict[str, Any], out: pathlib.Path, *, plots: bool = True) -> None:
     """study.csv, study.json, study.md and (with `plots`) the two log-log PNGs."""
     rows = result["rows"]
-    columns = [c for c in COLUMNS if c != "fid" or any(r.get("fid") is not None for r in rows)]
-    with (out / "study.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        for row in rows:
-            writer.writerow([_fmt(row.get(c)) for c in columns])
+    write_csv(rows, out / "study.csv")
     if plots:
         result["plots"] = [str(p) for p in plot_study(rows, out, result.get("evaluator_references"))]
     (out / "study.json").write_text(json.dumps(result, indent=2, default=_json_default))
     (out / "study.md").write_text(markdown_tables(result))
+
+
+def write_csv(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
+    """The rows as CSV, COLUMNS in order (`fid` only when computed); empty cells for None."""
+    columns = [c for c in COLUMNS if c != "fid" or any(r.get("fid") is not None for r in rows)]
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([_fmt(row.get(c)) for c in columns])
 
 
 def _json_default(value):

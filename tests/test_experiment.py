@@ -40,7 +40,10 @@ def test_flags_defaults_come_from_the_data_set():
     run = resolved()
     assert run.dataset_name == "digits" and run.model.image_size == 8 and run.model.in_channels == 1
     assert run.model.patch_size == 2 and run.model.num_classes == 10
-    assert run.flow.t_sampler == "log-normal" and run.optim.lr == 1e-4 and run.optim.ema_warmup
+    assert run.flow.t_sampler == "uniform" and run.optim.lr == 1e-3 and run.optim.ema_warmup  # digits' own
+    cifar = resolved("--dataset_name", "cifar10")
+    assert cifar.flow.t_sampler == "log-normal" and cifar.optim.lr == 1e-4  # the original's defaults
+    assert resolved("--model.lr", "3e-4").optim.lr == 3e-4
     assert resolved("--model.num_classes", "12").model.num_classes == 12
     assert resolved("--model.preset", "debug").model.patch_size == 8  # preset beats the data set's default
 

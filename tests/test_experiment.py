@@ -102,9 +102,11 @@ def test_cli_smoke_run_leaves_the_documented_layout(smoke_run):
     assert [r["step"] for r in rows if "loss" in r] == [10, 20]
     assert np.isfinite([r["loss"] for r in rows if "loss" in r]).all()
     samples = np.load(run_dir / "samples.npz")
-    assert samples["images"].shape == (30, 8, 8, 1) and samples["labels"].tolist() == [i % 10 for i in range(30)]
-    report = json.loads((run_dir / "eval.json").read_text())
-    assert {"class_acc", "fd_feat", "precision", "recall", "references"} <= set(report)
+    assert samples["images"].shape == (90, 8, 8, 1) and samples["labels"].tolist() == [i % 10 for i in range(90)]
+    report = json.loads((run_dir / "eval.json").read_text())  # three sets of 30, averaged
+    assert {"class_acc", "fd_feat", "precision", "recall", "references", "std"} <= set(report)
+    assert len(report["per_set"]) == 3
+    assert report["recall"] == pytest.approx(np.mean([r["recall"] for r in report["per_set"]]))
     export = json.loads((run_dir / "export/config.json").read_text())
     assert export["format"] == "rfdit-export" and export["version"] >= 1 and export["model"]["patch_size"] == 2
     with Checkpointer(run_dir / "checkpoints", read_only=True) as checkpointer:

@@ -12,6 +12,7 @@ pytree paths joined by ".") and `export/config.json` ("format": "rfdit-export", 
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -102,7 +103,7 @@ class Checkpointer:
         try:
             meta = self.manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))
         except Exception as error:  # orbax raises many kinds of errors for damaged files
-            raise _unreadable(step, self.directory, error) from error
+            raise _unreadable(step, self.directory, error) from None
         return step, dict(meta["meta"])
 
     def restore_named(self, step: int | None = None) -> dict[str, np.ndarray]:
@@ -111,7 +112,7 @@ class Checkpointer:
         try:
             arrays = self.manager.restore(step, args=self._ocp.args.Composite(arrays=self._ocp.args.StandardRestore()))
         except Exception as error:
-            raise _unreadable(step, self.directory, error) from error
+            raise _unreadable(step, self.directory, error) from None
         return {name: np.asarray(arrays["arrays"][f"leaf_{i:05d}"]) for i, name in enumerate(meta["leaf_names"])}
 
     def restore(self, template: PyTree, step: int | None = None) -> tuple[PyTree, dict[str, Any]]:
@@ -138,7 +139,7 @@ class Checkpointer:
                 step, args=self._ocp.args.Composite(arrays=self._ocp.args.StandardRestore(abstract))
             )["arrays"]
         except Exception as error:
-            raise _unreadable(step, self.directory, error) from error
+            raise _unreadable(step, self.directory, error) from None
         new_leaves = iter([restored[f"leaf_{i:05d}"] for i in range(len(leaves))])
         template_leaves, treedef = jax.tree_util.tree_flatten(template)
         out = []
@@ -154,6 +155,9 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+        # Collect orbax's leftover asyncio objects now: their finalisers can raise "Event loop is closed", and
+        # CPython 3.11 fails with a SystemError if that happens during a later compile() (e.g. in tyro's parsing).
+        gc.collect()
 
     def __enter__(self) -> "Checkpointer":
         return self

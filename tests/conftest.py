@@ -31,3 +31,20 @@ def getkey():
     """A function returning a fresh key on every call."""
     counter = itertools.count()
     return lambda: jr.key(next(counter))
+
+
+# A tiny digits configuration for CLI runs: one block of width 32, four Euler steps for the grids (fewer compiles).
+TINY_RUN = ["--batch_size", "32", "--model.hidden_size", "32", "--model.depth", "1", "--model.num_heads", "2",
+            "--model.mlp_ratio", "1", "--model.denoise_timesteps", "4", "--eval_interval", "100000",
+            "--save_interval", "100000"]
+
+
+@pytest.fixture(scope="session")
+def tiny_digits_run(tmp_path_factory):
+    """One 20-step digits run through the CLI, shared by every test that only reads its outputs."""
+    from rfdit.experiment import main
+
+    run_dir = tmp_path_factory.mktemp("tiny_digits_run")
+    summary = main(TINY_RUN + ["--max_steps", "20", "--steps_per_call", "5", "--log_interval", "10",
+                               "--num_samples", "30", "--save_dir", str(run_dir)])
+    return run_dir, summary

@@ -36,15 +36,8 @@ def load_script(name: str):
 
 
 @pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    from rfdit.experiment import main
-
-    run_dir = tmp_path_factory.mktemp("digits_run")
-    with jax.numpy_dtype_promotion("standard"):  # module fixtures run outside conftest's strict fixture
-        main(["--max_steps", "20", "--batch_size", "32", "--model.hidden_size", "32", "--model.depth", "1",
-              "--model.num_heads", "2", "--log_interval", "10", "--eval_interval", "1000", "--save_interval", "1000",
-              "--num_samples", "20", "--save_dir", str(run_dir)])
-    return run_dir
+def digits_run(tiny_digits_run):
+    return tiny_digits_run[0]
 
 
 @pytest.fixture(scope="module")

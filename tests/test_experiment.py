@@ -14,8 +14,7 @@ from rfdit.checkpoint import Checkpointer, CheckpointError
 from rfdit.experiment import main, parse_args, resolve
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-TINY = ["--batch_size", "32", "--model.hidden_size", "32", "--model.depth", "1", "--model.num_heads", "2",
-        "--model.mlp_ratio", "1", "--eval_interval", "100000", "--save_interval", "100000"]
+from conftest import TINY_RUN as TINY
 
 
 def resolved(*argv):
@@ -84,12 +83,8 @@ def test_dry_run_prints_resolved_config(capsys):
 
 
 @pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory):
-    """A 20-step digits run through the CLI, shared by the tests that only read its output."""
-    run_dir = tmp_path_factory.mktemp("smoke")
-    summary = main(TINY + ["--max_steps", "20", "--steps_per_call", "5", "--log_interval", "10",
-                           "--num_samples", "30", "--save_dir", str(run_dir)])
-    return run_dir, summary
+def smoke_run(tiny_digits_run):
+    return tiny_digits_run
 
 
 def test_cli_smoke_run_leaves_the_documented_layout(smoke_run):

@@ -1,3 +1,4 @@
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -120,17 +121,16 @@ def test_guidance_algebra(getkey):
     x = jr.normal(getkey(), (5, 4, 4, 2))
     labels = jnp.asarray([0, 1, 2, 0, 1])
     t = jnp.asarray(0.3)
-    cond = jax.vmap(lambda x, y: model_velocity(model, x, t, y))(x, labels)
-    uncond = jax.vmap(lambda x: model_velocity(model, x, t, jnp.asarray(3)))(x)
-    s1 = guided_field(model, labels, jnp.asarray(1.0))(t, x)
-    s0 = guided_field(model, labels, jnp.asarray(0.0))(t, x)
-    s4 = guided_field(model, labels, jnp.asarray(4.0))(t, x)
+    cond = jax.jit(jax.vmap(lambda x, y: model_velocity(model, x, t, y)))(x, labels)
+    uncond = jax.jit(jax.vmap(lambda x: model_velocity(model, x, t, jnp.asarray(3))))(x)
+    guided = eqx.filter_jit(lambda s, **kw: guided_field(model, labels, s, **kw)(t, x))
+    s1, s0, s4 = guided(jnp.asarray(1.0)), guided(jnp.asarray(0.0)), guided(jnp.asarray(4.0))
     np.testing.assert_allclose(s1, cond, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(s0, uncond, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(s4, uncond + 4.0 * (cond - uncond), rtol=1e-4, atol=1e-5)
-    outside = guided_field(model, labels, jnp.asarray(4.0), guidance_interval=(0.5, 1.0))(t, x)
+    outside = guided(jnp.asarray(4.0), guidance_interval=(0.5, 1.0))
     np.testing.assert_allclose(outside, cond, rtol=1e-5, atol=1e-6)
-    three = guided_field(model, labels, jnp.asarray(4.0), cfg_channels=1)(t, x)
+    three = guided(jnp.asarray(4.0), cfg_channels=1)
     np.testing.assert_allclose(three[..., 1:], cond[..., 1:], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(three[..., :1], s4[..., :1], rtol=1e-5, atol=1e-6)
 

@@ -26,13 +26,15 @@ def digits_setup(key, *, steps_per_call=1, optim=None, batch_size=64):
 
 
 def test_train_step_traces_once_and_loss_falls():
-    state, step, batches = digits_setup(jr.key(0))
+    k = 10  # steps scanned per call: 30 calls of one trace
+    state, step, batches = digits_setup(jr.key(0), steps_per_call=k)
     losses = []
-    for i in range(300):
-        images, labels = batches.batch(i)
+    for call in range(30):
+        chunk = [batches.batch(call * k + i) for i in range(k)]
+        images, labels = np.stack([c[0] for c in chunk]), np.stack([c[1] for c in chunk])
         state, metrics = step(state, jnp.asarray(images), jnp.asarray(labels))
         losses.append(metrics["loss"])
-    losses = np.asarray(jax.device_get(losses))
+    losses = np.concatenate(jax.device_get(losses))
     assert int(state.step) == 300
     first, last = losses[:20].mean(), losses[-50:].mean()
     print(f"digits loss: first 20 steps {first:.3f}, last 50 steps {last:.3f}")

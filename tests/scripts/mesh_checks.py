@@ -20,8 +20,8 @@ from rfdit.checkpoint import Checkpointer  # noqa: E402
 from rfdit.distributed import global_batch, make_mesh, shard_state  # noqa: E402
 
 assert jax.device_count() == 8, jax.devices()
-cfg = rfdit.DiTConfig(image_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=2, num_heads=4,
-                      mlp_ratio=2.0, num_classes=10)
+cfg = rfdit.DiTConfig(image_size=8, in_channels=1, patch_size=4, hidden_size=16, depth=1, num_heads=2,
+                      mlp_ratio=1.0, num_classes=10)
 optim = rfdit.OptimConfig(lr=1e-3)
 optimizer = rfdit.make_optimizer(optim)
 images = np.asarray(jr.normal(jr.key(5), (16, 8, 8, 1)))
@@ -44,7 +44,7 @@ def rel(a, b):
 STEPS = {}
 
 
-def run_steps(state, mesh, n=3, name="single"):
+def run_steps(state, mesh, n=2, name="single"):
     # one compiled step per placement, reused across checks to keep compile time down
     step = STEPS.setdefault(name, rfdit.TrainStep(optimizer, rfdit.FlowConfig(), optim, num_classes=10))
     for _ in range(n):

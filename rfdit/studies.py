@@ -571,10 +571,10 @@ def plot_study(rows, out: pathlib.Path, evaluator_references=None) -> list[pathl
             ax.set_xlabel("NFE per sample")
             ax.set_ylabel(name)
             ax.grid(alpha=0.3, which="both")
-        axes[0][0].legend(fontsize=6, ncol=2)
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
         fig.tight_layout()
         path = out / "quality_vs_nfe.png"
-        fig.savefig(path, dpi=90)
+        fig.savefig(path, dpi=90, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)
     return paths

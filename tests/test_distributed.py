@@ -20,7 +20,8 @@ def last_json(output: str) -> dict:
 
 
 def test_eight_devices_match_one():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # the device count must be fixed before JAX starts, so the checks run in their own process
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, str(SCRIPTS / "mesh_checks.py")], capture_output=True, text=True,
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -42,7 +43,7 @@ def free_port() -> int:
 
 def test_two_processes_read_disjoint_data_and_agree():
     port = str(free_port())
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu"}
     procs = [subprocess.Popen([sys.executable, str(SCRIPTS / "two_process.py"), port, str(i)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]

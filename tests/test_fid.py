@@ -230,8 +230,12 @@ def reference_weights(torch_fidelity_inception, tmp_path_factory):
     generator = torch.Generator().manual_seed(0)
 
     def random_like(name, value):
-        rand = lambda: torch.rand(value.shape, generator=generator)  # noqa: E731
-        randn = lambda: torch.randn(value.shape, generator=generator)  # noqa: E731
+        def rand():
+            return torch.rand(value.shape, generator=generator)
+
+        def randn():
+            return torch.randn(value.shape, generator=generator)
+
         if name.endswith("conv.weight"):  # He-normal: activations stay O(1) through all 17 layers
             return randn() * (2.0 / value[0].numel()) ** 0.5
         if name.endswith(("bn.weight", "running_var")):

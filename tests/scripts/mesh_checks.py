@@ -1,23 +1,18 @@
 """Run in a subprocess with 8 simulated CPU devices; prints one JSON object of relative errors."""
 
-import os
+import json
+import sys
+import tempfile
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-os.environ["JAX_PLATFORMS"] = "cpu"
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
 
-import json  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-
-import equinox as eqx  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import jax.random as jr  # noqa: E402
-import numpy as np  # noqa: E402
-
-import rfdit  # noqa: E402
-from rfdit.checkpoint import Checkpointer  # noqa: E402
-from rfdit.distributed import global_batch, make_mesh, shard_state  # noqa: E402
+import rfdit
+from rfdit.checkpoint import Checkpointer
+from rfdit.distributed import global_batch, make_mesh, shard_state
 
 assert jax.device_count() == 8, jax.devices()
 cfg = rfdit.DiTConfig(image_size=8, in_channels=1, patch_size=4, hidden_size=16, depth=1, num_heads=2,

@@ -3,22 +3,18 @@
 usage: two_process.py PORT PROCESS_ID; prints one JSON object.
 """
 
-import os
+import json
+import sys
 
-os.environ["JAX_PLATFORMS"] = "cpu"
+import equinox as eqx
+import jax
+import jax.random as jr
+import numpy as np
 
-import json  # noqa: E402
-import sys  # noqa: E402
-
-import equinox as eqx  # noqa: E402
-import jax  # noqa: E402
-import jax.random as jr  # noqa: E402
-import numpy as np  # noqa: E402
-
-import rfdit  # noqa: E402
-from rfdit.data.digits import load_digits_split  # noqa: E402
-from rfdit.data.pipeline import ArrayBatches  # noqa: E402
-from rfdit.distributed import global_batch, initialize, make_mesh, shard_state  # noqa: E402
+import rfdit
+from rfdit.data.digits import load_digits_split
+from rfdit.data.pipeline import ArrayBatches
+from rfdit.distributed import global_batch, initialize, make_mesh, shard_state
 
 port, process_id = sys.argv[1], int(sys.argv[2])
 assert initialize(f"localhost:{port}", 2, process_id)

@@ -1,10 +1,12 @@
 """Sampling study: ODE solvers' error, sample quality and cost on a trained checkpoint.
 
-    python experiments/sampling_study.py --load_dir runs/digits --out runs/digits/study
-        # every solver, steps 1..500, tolerances 1e-2..1e-5, 500 digits: about 40 minutes on a 2-core CPU
-    python experiments/sampling_study.py --load_dir runs/digits --out runs/digits/guidance \\
-        --solvers euler --steps 32 --cfg_scales 1 2 3 --guidance_interval 0.3 1 --table_steps --stepping_solvers
-        # the guidance interval's effect (a few minutes)
+    python experiments/sampling_study.py --load_dir runs/digits-default --out runs/sampling-study/main
+        # every solver, steps 1..500, tolerances 1e-2..1e-5, 500 digits, the original's Euler table and
+        # batch vs per-sample stepping: 21 minutes on a 2-core CPU
+    python experiments/sampling_study.py --load_dir runs/digits-default --out runs/sampling-study/guidance \
+        --solvers euler heun --steps 4 8 16 32 --tolerances --cfg_scales 1 2 3 --time_shifts 1 3 \
+        --guidance_interval 0.3 1 --table_steps --stepping_solvers --reference_tol 1e-5
+        # the guidance interval's effect and a shifted time grid: 18 minutes
 
 --load_dir takes a run folder, its checkpoints/ or an export folder. Writes DIR/study.csv,
 study.json, study.md and the log-log plots error_vs_nfe.png and quality_vs_nfe.png.

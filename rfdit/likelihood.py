@@ -114,7 +114,7 @@ def _log_likelihood(field_or_model, x, labels, cfg_scale, keys, options, solver_
 
 def log_likelihood(
     field_or_model: DiT | ExampleField,
-    x: Float[Array, "b *dims"],
+    x: Float[Array, " b *dims"],
     labels: Int[Array, " b"] | None = None,
     *,
     cfg_scale: float | None = None,
@@ -203,7 +203,7 @@ def dequantize(
 
 def bits_per_dim(
     field_or_model: DiT | ExampleField,
-    x: Float[Array, "b *dims"],
+    x: Float[Array, " b *dims"],
     labels: Int[Array, " b"] | None = None,
     *,
     levels: int | None = 256,

@@ -28,7 +28,6 @@ import csv
 import dataclasses
 import datetime
 import json
-import math
 import os
 import pathlib
 import platform

@@ -74,7 +74,8 @@ def test_log_likelihood_hutchinson_is_unbiased_within_its_statistical_error(prob
     logp, exact = np.asarray(logp), stats.multivariate_normal(MEAN, SIGMA).logpdf(x[0])
     # The probe is fixed along the path and the Jacobian does not depend on x, so the estimate is
     # exact - (εᵀAε - tr A): its variance is 2‖S‖²_F (Gaussian) or 2(‖S‖²_F - Σ S_ii²) (Rademacher).
-    sym = (lambda a: (a + a.T) / 2)(integrated_jacobian(SIGMA))
+    integrated = integrated_jacobian(SIGMA)
+    sym = (integrated + integrated.T) / 2
     variance = 2 * (np.sum(sym**2) - (np.sum(np.diag(sym) ** 2) if probe == "rademacher" else 0.0))
     assert abs(logp.mean() - exact) < 4 * math.sqrt(variance / NUM_DRAWS)
     assert 0.75 < logp.std() / math.sqrt(variance) < 1.25
@@ -136,7 +137,7 @@ def test_log_likelihood_of_a_dit_matches_a_hand_written_euler_solve(getkey):
         # two Euler steps from t = 1 to 0: y <- y - ½·v(t, y), the divergence integral alike
         delta = jnp.zeros(())
         for t in (1.0, 0.5):
-            velocity = lambda z: model(z, jnp.asarray(t, jnp.float32), label)
+            velocity = lambda z, t=t: model(z, jnp.asarray(t, jnp.float32), label)
             trace = jnp.trace(jax.jacfwd(velocity)(y).reshape(16, 16))
             y, delta = y - 0.5 * velocity(y), delta - 0.5 * trace
         return y, delta

@@ -431,16 +431,10 @@ def save_fid_statistics(
     feature_extractor: str, **info: str | int | float,
 ) -> pathlib.Path:
     """Write an ADM-style npz (`mu`, `sigma`, float64) that also names its feature extractor and `info`."""
-    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"expected mu (D,) and sigma (D, D); got {mu.shape} and {sigma.shape}.")
-    path = pathlib.Path(path).expanduser()
-    if path.suffix != ".npz":
-        raise ValueError(f"statistics path {path} must end in .npz (numpy would append it silently).")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    extra = {k: np.asarray(v) for k, v in info.items() if v is not None}
-    np.savez(path, mu=mu, sigma=sigma, feature_extractor=np.asarray(feature_extractor), **extra)
-    return path
+    from .metrics.fid import save_statistics
+
+    save_statistics(path, mu, sigma, feature_extractor=feature_extractor, **info)
+    return pathlib.Path(path).expanduser()
 
 
 def statistics_extractor(path: str | os.PathLike) -> str | None:

@@ -214,8 +214,11 @@ def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return mu, sigma
 
 
-def save_statistics(path: str | os.PathLike, mu: Float[np.ndarray, " d"], sigma: Float[np.ndarray, "d d"]) -> None:
-    """Write (mu, sigma) as an ADM-style npz (keys `mu`, `sigma`, float64) that `load_statistics` reads."""
+def save_statistics(
+    path: str | os.PathLike, mu: Float[np.ndarray, " d"], sigma: Float[np.ndarray, "d d"], **extra: object
+) -> None:
+    """Write (mu, sigma) as an ADM-style npz (keys `mu`, `sigma`, float64) that `load_statistics` reads;
+    `extra` entries (not None) are stored beside them."""
     mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"expected mu (D,) and sigma (D, D); got {mu.shape} and {sigma.shape}.")
@@ -223,4 +226,4 @@ def save_statistics(path: str | os.PathLike, mu: Float[np.ndarray, " d"], sigma:
     if path.suffix != ".npz":
         raise ValueError(f"statistics path {path} must end in .npz (numpy would append it silently).")
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, mu=mu, sigma=sigma)
+    np.savez(path, mu=mu, sigma=sigma, **{k: np.asarray(v) for k, v in extra.items() if v is not None})

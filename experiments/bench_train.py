@@ -62,7 +62,8 @@ class Args:
     matmul_precision: Literal["default", "high", "highest"] | None = None
     """jax_default_matmul_precision; default: "highest" for float32 (true f32, not TF32), "default" for bf16"""
     fsdp: int = 1
-    remat: bool = False
+    remat: Literal["none", "dots", "full"] = "none"
+    """what each block keeps for the backward pass (see rfdit.DiT)"""
     scan_unroll: int = 1
     """blocks unrolled per scan iteration (the full depth is fastest on GPUs, slower to compile)"""
     baseline: bool = False

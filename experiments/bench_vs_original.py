@@ -61,6 +61,8 @@ class Args:
     """rfdit: steps scanned inside one compiled call"""
     scan_unroll: int = 1
     """rfdit: DiT blocks unrolled per scan iteration"""
+    remat: Literal["none", "dots", "full"] = "none"
+    """rfdit: what each block keeps for the backward pass (see rfdit.DiT)"""
     seed: int = 0
 
 
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
         return info
 
     # rfdit: the same objective (log-normal t, the original's clip), its own step
-    model = rfdit.DiT(cfg, key=model_key, scan_unroll=args.scan_unroll)
+    model = rfdit.DiT(cfg, key=model_key, scan_unroll=args.scan_unroll, remat=args.remat)
     optim = rfdit.OptimConfig()
     optimizer = rfdit.make_optimizer(optim)
     flow = rfdit.FlowConfig(t_sampler="logit-normal", t_clip_max=0.99)
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": f"{device.device_kind} x{jax.device_count()}",
         "config": args.config,
         "model": {**spec, "batch_size": batch_size},
-        "rfdit_settings": {"steps_per_call": k, "scan_unroll": args.scan_unroll},
+        "rfdit_settings": {"steps_per_call": k, "scan_unroll": args.scan_unroll, "remat": args.remat},
         "compile_s": compile_s,
         "original_ms_per_step": round(orig_ms, 3),
         "rfdit_ms_per_step": round(our_ms, 3),

@@ -172,8 +172,9 @@ class TrainArgs:
     """bf16: matmuls and attention in bfloat16; parameters, optimizer state and the loss stay float32"""
     fsdp: int = 1
     """shard parameters and optimizer state over this many devices (the rest is data-parallel)"""
-    remat: bool = False
-    """recompute each block's activations in the backward pass (less memory, ~1/3 more compute)"""
+    remat: Literal["none", "dots", "full"] = "none"
+    """what each block keeps for the backward pass: everything; only its linear layers' outputs (less
+    memory, faster on CPUs); or only its input (least memory, ~1/3 more compute)"""
     scan_unroll: int = 1
     """blocks unrolled per scan iteration; the model's depth is fastest on GPUs (slower to compile)"""
     grad_accum: int = 1
@@ -208,7 +209,7 @@ class RunConfig:
     num_samples: int
     precision: str
     fsdp: int
-    remat: bool
+    remat: str
     scan_unroll: int
     grad_accum: int
     debug_overfit: bool

@@ -166,6 +166,25 @@ def test_dit_bf16_compute_close_to_f32(getkey):
     assert 0 < rel < 2e-2  # bf16 operands carry 8 mantissa bits: ~1e-3..1e-2 relative error
 
 
+def test_dit_remat_policies_give_the_same_gradients(getkey):
+    model = perturbed(small_model(getkey()), getkey())
+    x, t, y = jr.normal(getkey(), (4, 8, 8, 3)), jr.uniform(getkey(), (4,)), jnp.arange(4)
+
+    def grads(remat):
+        m = with_compute_dtype(model, "float32", remat=remat)
+        params, static = eqx.partition(m, eqx.is_inexact_array)
+        loss = lambda p: jnp.mean(jax.vmap(eqx.combine(p, static))(x, t, y) ** 2)
+        return jax.tree_util.tree_leaves(jax.jit(jax.grad(loss))(params))
+
+    ref = grads("none")
+    for remat in ("dots", "full", True):
+        for a, b in zip(ref, grads(remat)):
+            # the same arithmetic, recomputed in another fusion order: float32 rounding only
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="remat"):
+        with_compute_dtype(model, "float32", remat="some")
+
+
 def test_dit_xl2_compiles_fast():
     cfg = rfdit.DiTConfig.preset("XL/2", image_size=32, in_channels=4, num_classes=1000, learn_sigma=True)
     model = eqx.filter_eval_shape(rfdit.DiT, cfg, key=jr.key(0))

@@ -20,6 +20,13 @@ from ..config import DiTConfig
 
 NUM_FREQUENCIES = 256
 
+# What a block keeps for its backward pass (see `DiT`): "none" does not wrap it in jax.checkpoint.
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # the linear layers' outputs
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
 
 def sincos_pos_embed(hidden_size: int, grid_size: int) -> np.ndarray:
     """DiT's fixed 2-D sin-cos position table, (grid_size², hidden_size), float32.
@@ -213,19 +220,29 @@ class DiT(eqx.Module):
     final_modulation: Linear
     final_linear: Linear
     config: DiTConfig = eqx.field(static=True)
-    remat: bool = eqx.field(static=True)
+    remat: str = eqx.field(static=True)
     scan_unroll: int = eqx.field(static=True)
 
     def __init__(
-        self, config: DiTConfig, *, key: PRNGKeyArray, dtype: str = "float32", remat: bool = False,
+        self, config: DiTConfig, *, key: PRNGKeyArray, dtype: str = "float32", remat: bool | str = "none",
         scan_unroll: int = 1,
     ):
-        """`dtype` is the matmul compute dtype (parameters are always float32); `remat`
-        recomputes each block's activations in the backward pass instead of storing them;
+        """`dtype` is the matmul compute dtype (parameters are always float32).
+
+        `remat` chooses what each block keeps for the backward pass: "none" keeps every
+        activation; "dots" keeps only the outputs of the linear layers and recomputes the
+        rest (LayerNorm, modulation, attention, GELU), which is less memory and, on CPUs,
+        faster (BENCHMARKS.md); "full" keeps only the block's input (least memory, about a
+        third more compute). True and False mean "full" and "none".
+
         `scan_unroll` unrolls that many blocks per scan iteration (1 compiles fastest; the
         full depth ran DiT-B/2 ~20% faster on an H200, see BENCHMARKS.md)."""
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"compute dtype (={dtype!r}) must be 'float32' or 'bfloat16'.")
+        if isinstance(remat, bool):
+            remat = "full" if remat else "none"
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat (={remat!r}) must be one of {list(REMAT_POLICIES)} (or a bool).")
         cfg = config
         h, p = cfg.hidden_size, cfg.patch_size
         patch_key, t1_key, t2_key, label_key, blocks_key = jr.split(key, 5)
@@ -270,8 +287,8 @@ class DiT(eqx.Module):
         def run_block(tokens, arrays):
             return eqx.combine(arrays, block_static)(tokens, c), None
 
-        if self.remat:
-            run_block = jax.checkpoint(run_block)
+        if self.remat != "none":
+            run_block = jax.checkpoint(run_block, policy=REMAT_POLICIES[self.remat])
 
         tokens, _ = jax.lax.scan(run_block, tokens, block_arrays, unroll=self.scan_unroll)  # (n, d)
 
@@ -281,7 +298,9 @@ class DiT(eqx.Module):
         return out.reshape(cfg.image_size, cfg.image_size, cfg.out_channels).astype(x.dtype)
 
 
-def with_compute_dtype(model: DiT, dtype: str, remat: bool | None = None, scan_unroll: int | None = None) -> DiT:
+def with_compute_dtype(
+    model: DiT, dtype: str, remat: bool | str | None = None, scan_unroll: int | None = None
+) -> DiT:
     """The same weights, with matmuls computed in `dtype` ("float32" or "bfloat16") and,
     when given, block rematerialisation and scan unrolling changed."""
     remat = model.remat if remat is None else remat

@@ -62,8 +62,8 @@ class Args:
     matmul_precision: Literal["default", "high", "highest"] | None = None
     """jax_default_matmul_precision; default: "highest" for float32 (true f32, not TF32), "default" for bf16"""
     fsdp: int = 1
-    remat: Literal["none", "dots", "full"] = "none"
-    """what each block keeps for the backward pass (see rfdit.DiT)"""
+    remat: Literal["none", "dots", "full"] | None = None
+    """what each block keeps for the backward pass (see rfdit.DiT; default "dots" on CPUs, else "none")"""
     scan_unroll: int = 1
     """blocks unrolled per scan iteration (the full depth is fastest on GPUs, slower to compile)"""
     baseline: bool = False
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     result.update({
         "device": f"{device.device_kind} x{jax.device_count()}",
         "config": {**cfg.to_dict(), "batch_size": batch_size, "steps_per_call": k, "precision": args.precision,
-                   "fsdp": args.fsdp, "remat": args.remat, "scan_unroll": args.scan_unroll},
+                   "fsdp": args.fsdp, "remat": model.remat, "scan_unroll": args.scan_unroll},
         "matmul_precision": matmul_precision,
         "params": cfg.num_params(),
         "gflops_per_img": flops_per_img / 1e9,

@@ -33,7 +33,7 @@ from .data.digits import LEVELS as DIGITS_LEVELS
 from .data.latents import LatentBatches, read_latents_meta
 from .distributed import global_batch, initialize, local_copy, make_mesh, shard_state
 from .flow import interpolate
-from .nn.dit import DiT
+from .nn.dit import DiT, default_remat
 from .sampling import model_velocity, sample
 from .train import TrainState, TrainStep, make_optimizer
 
@@ -172,9 +172,10 @@ class TrainArgs:
     """bf16: matmuls and attention in bfloat16; parameters, optimizer state and the loss stay float32"""
     fsdp: int = 1
     """shard parameters and optimizer state over this many devices (the rest is data-parallel)"""
-    remat: Literal["none", "dots", "full"] = "none"
+    remat: Literal["none", "dots", "full"] | None = None
     """what each block keeps for the backward pass: everything; only its linear layers' outputs (less
-    memory, faster on CPUs); or only its input (least memory, ~1/3 more compute)"""
+    memory, faster on CPUs); or only its input (least memory, ~1/3 more compute). Default: "dots" on
+    CPUs, "none" elsewhere"""
     scan_unroll: int = 1
     """blocks unrolled per scan iteration; the model's depth is fastest on GPUs (slower to compile)"""
     grad_accum: int = 1
@@ -297,7 +298,8 @@ def resolve(args: TrainArgs) -> RunConfig:
         data_image_size=data_size,
         data_channels=defaults.channels, batch_size=args.batch_size or defaults.batch_size, max_steps=max_steps,
         seed=args.seed, steps_per_call=k, keep_checkpoints=args.keep_checkpoints, num_samples=args.num_samples,
-        precision=args.precision, fsdp=args.fsdp, remat=args.remat, scan_unroll=args.scan_unroll,
+        precision=args.precision, fsdp=args.fsdp, remat=args.remat or default_remat(),
+        scan_unroll=args.scan_unroll,
         grad_accum=args.grad_accum,
         debug_overfit=bool(args.debug_overfit), use_stable_vae=use_vae,
         dequantize=bool(args.dequantize), vae_path=vae_path,

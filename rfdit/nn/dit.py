@@ -71,6 +71,13 @@ def _add_bias(y: Float[Array, "... d"], bias: Float[Array, " d"]) -> Float[Array
     return y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)
 
 
+def default_remat() -> str:
+    """"dots" on CPUs, where recomputing the cheap activations beat storing them (BENCHMARKS.md:
+    the core configs and the digits run, 10-15% faster per step); "none" on accelerators, where
+    it has not been measured."""
+    return "dots" if jax.default_backend() == "cpu" else "none"
+
+
 class Linear(eqx.Module):
     """y = x W^T + b, computed in `dtype` (float32 by default, bfloat16 for mixed precision)."""
 
@@ -224,7 +231,7 @@ class DiT(eqx.Module):
     scan_unroll: int = eqx.field(static=True)
 
     def __init__(
-        self, config: DiTConfig, *, key: PRNGKeyArray, dtype: str = "float32", remat: bool | str = "none",
+        self, config: DiTConfig, *, key: PRNGKeyArray, dtype: str = "float32", remat: bool | str | None = None,
         scan_unroll: int = 1,
     ):
         """`dtype` is the matmul compute dtype (parameters are always float32).
@@ -233,13 +240,16 @@ class DiT(eqx.Module):
         activation; "dots" keeps only the outputs of the linear layers and recomputes the
         rest (LayerNorm, modulation, attention, GELU), which is less memory and, on CPUs,
         faster (BENCHMARKS.md); "full" keeps only the block's input (least memory, about a
-        third more compute). True and False mean "full" and "none".
+        third more compute). True and False mean "full" and "none"; None (the default) is
+        `default_remat()`: "dots" on CPUs, "none" elsewhere.
 
         `scan_unroll` unrolls that many blocks per scan iteration (1 compiles fastest; the
         full depth ran DiT-B/2 ~20% faster on an H200, see BENCHMARKS.md)."""
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"compute dtype (={dtype!r}) must be 'float32' or 'bfloat16'.")
-        if isinstance(remat, bool):
+        if remat is None:
+            remat = default_remat()
+        elif isinstance(remat, bool):
             remat = "full" if remat else "none"
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat (={remat!r}) must be one of {list(REMAT_POLICIES)} (or a bool).")

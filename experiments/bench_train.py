@@ -14,6 +14,8 @@ Each CPU run takes under a minute on 2 cores. The last line printed is one JSON 
 - `--max_batch_from 64 128 256` picks the largest batch whose compiled step fits in device
   memory, from XLA's memory analysis (no trial runs), and benchmarks it.
 - `--sample_batch N` also times sampling: N images, 32 Euler steps, with guidance (2N pass).
+- `--profile N` profiles N more calls with `jax.profiler` and prints where the time goes, by kind
+  of op (matmul, attention, elementwise, transpose/copy, reduce, ...) and the most expensive ops.
 - FLOPs: 2 per multiply-add, training = 3 × forward, attention included.
 """
 
@@ -23,9 +25,11 @@ import dataclasses
 import json
 import statistics
 import sys
+import tempfile
 import time
 from typing import Literal
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -38,6 +42,8 @@ from rfdit.benchmarking import (
     nominal_peak_tflops,
     peak_memory_bytes,
     plain_train_step,
+    profile_ops,
+    summarise_ops,
 )
 from rfdit.distributed import global_batch, make_mesh, shard_state
 
@@ -69,6 +75,9 @@ class Args:
     baseline: bool = False
     max_batch_from: tuple[int, ...] = ()
     sample_batch: int = 0
+    profile: int = 0
+    """profile this many calls op by op after the timing (the trace goes to --profile_dir)"""
+    profile_dir: str | None = None
     peak_size: int | None = None
     """matmul size for the measured peak (default 2048 on CPU, 8192 on accelerators)"""
     seed: int = 0
@@ -204,6 +213,24 @@ def main(argv: list[str] | None = None) -> dict:
         result["sample_img_per_s"] = round(args.sample_batch / sample_s, 1)
         result["sample_settings"] = {"batch": args.sample_batch, "solver": "euler", "num_steps": 32,
                                      "cfg_scale": 1.5, "nfe": 32, "pass": "2B"}
+    if args.profile:
+        # last: the profiled calls donate the state's buffers
+        options = {"xla_cpu_enable_xprof_traceme": True} if device.platform == "cpu" else {}
+        compiled = step.lower(holder[0], images, labels).compile(compiler_options=options)
+        arrays = [eqx.filter(holder[0], eqx.is_array)]
+
+        def profiled_call():
+            arrays[0], m = compiled(arrays[0], images, labels)
+            return m
+
+        trace_dir = args.profile_dir or tempfile.mkdtemp(prefix="rfdit_profile_")
+        rows = profile_ops(profiled_call, compiled.as_text(), args.profile, trace_dir)
+        print(summarise_ops(rows, wall_ms=1e3 * s_per_step * k))
+        by_kind: dict[str, float] = {}
+        for row in rows:
+            by_kind[row.kind] = by_kind.get(row.kind, 0.0) + row.ms_per_call
+        result["op_profile_ms_per_call"] = {kind: round(ms, 3) for kind, ms in by_kind.items()}
+        result["profile_dir"] = trace_dir
     print(json.dumps(result))
     return result
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of BENCHMARKS.md in one prepared run (about 6 minutes on an H100/H200):
-#   DiT-B/2 on 32x32x4 latents, batch 256, bf16 (+ sampling throughput: 32 Euler steps with guidance);
+#   DiT-B/2 on 32x32x4 latents, batch 256, bf16 (+ sampling throughput: 32 Euler steps with guidance,
+#     and an op-by-op profile of the step in b2_bf16.log, its trace in b2_bf16_trace/);
 #   the same in float32 (true f32 matmuls: jax_default_matmul_precision=highest);
 #   DiT-XL/2 in bf16 at the largest batch whose compiled step fits (XLA memory analysis).
 #     bash experiments/gpu_bench.sh [OUT_DIR]          TINY=1 for a CPU rehearsal with tiny sizes
@@ -24,7 +25,8 @@ run() {  # name, timeout, args...
   timeout "$limit" python "$here/bench_train.py" "$@" 2>&1 | tee "$out/$name.log" | grep -v '^{' | tail -n 5
   tail -n 1 "$out/$name.log" | grep '^{' > "$out/$name.json" || echo "$name: no result"
 }
-run b2_bf16 170 $b2 $common --batch_size $batch --precision bf16 $steps --sample_batch $sample
+run b2_bf16 200 $b2 $common --batch_size $batch --precision bf16 $steps --sample_batch $sample \
+  --profile 5 --profile_dir "$out/b2_bf16_trace"
 run b2_f32 110 $b2 $common --batch_size $batch --precision float32 --steps 5 --repeats 2
 run xl2_bf16 190 $xl $common --precision bf16 --max_batch_from $xl_batches --steps 5 --repeats 2
 python - "$out" <<'PY'

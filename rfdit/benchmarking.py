@@ -1,9 +1,11 @@
-"""Helpers for the benchmarks: a measured matmul peak and a plain reference step."""
+"""Helpers for the benchmarks: a measured matmul peak, a plain reference step, an op-level profile."""
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 import equinox as eqx
@@ -105,3 +107,107 @@ def plain_train_step(model, optimizer, flow: FlowConfig, optim: OptimConfig, num
         return PlainState(new_params, ema, opt_state, key), info
 
     return PlainStep(init, step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a compiled step spends its time, op by op (jax.profiler + the compiled HLO)
+
+class OpTime(NamedTuple):
+    name: str  # the HLO instruction
+    kind: str  # matmul, attention, convolution, reduce, transpose/copy, collective, elementwise, other
+    shape: str
+    ms_per_call: float
+    count_per_call: float
+    source: str  # the jax operation it came from (HLO metadata op_name, shortened)
+
+
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_ELEMENTWISE = ("broadcast", "add", "multiply", "select", "convert", "slice", "dynamic-slice", "dynamic-update-slice",
+                "concatenate", "pad")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\([^=]*?\)|\S+) ([\w\-]+)\((.*)$", re.M)
+_COMPUTATION = re.compile(r"^%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", re.M | re.S)
+
+
+def _op_kinds(hlo_text: str) -> dict[str, tuple[str, str, str]]:
+    """name -> (kind, shape, op_name) for every instruction of a compiled module's HLO text."""
+    bodies = {m.group(1): m.group(2) for m in _COMPUTATION.finditer(hlo_text)}
+    ops = {}
+    for m in _INSTRUCTION.finditer(hlo_text):
+        name, shape, opcode, rest = m.groups()
+        text = rest
+        called = re.search(r"calls=%?([\w.\-]+)", rest)
+        if called and called.group(1) in bodies:
+            text = rest + bodies[called.group(1)]
+        if re.search(r"fmha|flash_attention", text):
+            kind = "attention"
+        elif opcode == "dot" or re.search(r" dot\(|cublas|gemm", text):
+            kind = "matmul"
+        elif opcode == "convolution" or re.search(r" convolution\(|cudnn\$conv", text):
+            kind = "convolution"
+        elif opcode in _COLLECTIVES or opcode.removesuffix("-start") in _COLLECTIVES:
+            kind = "collective"
+        elif opcode == "reduce" or re.search(r" reduce\(|reduce-window", text):
+            kind = "reduce"
+        elif opcode in ("transpose", "copy") or re.search(r" transpose\(| copy\(", text):
+            kind = "transpose/copy"
+        elif opcode == "fusion" or opcode in _ELEMENTWISE:
+            kind = "elementwise"
+        else:
+            kind = "other"
+        source = re.search(r'op_name="([^"]*)"', rest)
+        ops[name] = (kind, shape, source.group(1).split("/")[-1] if source else "")
+    return ops
+
+
+def profile_ops(call, hlo_text: str, calls: int, trace_dir: str) -> list[OpTime]:
+    """Run `call()` `calls` times under `jax.profiler` and attribute the recorded op events to the
+    compiled module's instructions (`hlo_text`, from `compiled.as_text()`).
+
+    On GPUs the device's "XLA Ops" timeline is read; on CPUs the runtime's threads, which record
+    op events only for executables compiled with `{"xla_cpu_enable_xprof_traceme": True}`. Times
+    are summed over threads, so on a CPU they can exceed the wall time."""
+    from jax.profiler import ProfileData
+
+    jax.block_until_ready(call())
+    jax.profiler.start_trace(trace_dir)
+    try:
+        for _ in range(calls):
+            out = call()
+        jax.block_until_ready(out)
+    finally:
+        jax.profiler.stop_trace()
+    traces = sorted(Path(trace_dir).rglob("*.xplane.pb"), key=lambda p: p.stat().st_mtime)
+    if not traces:
+        raise RuntimeError(f"jax.profiler wrote no trace under {trace_dir}.")
+    ops = _op_kinds(hlo_text)
+    total: dict[str, float] = {}
+    count: dict[str, int] = {}
+    for plane in ProfileData.from_file(str(traces[-1])).planes:
+        on_device = plane.name.startswith("/device:")
+        for line in plane.lines:
+            if on_device and line.name != "XLA Ops":
+                continue
+            for event in line.events:
+                name = event.name.lstrip("%").split(" ")[0]
+                if name in ops:
+                    total[name] = total.get(name, 0.0) + event.duration_ns / 1e6
+                    count[name] = count.get(name, 0) + 1
+    rows = [OpTime(n, *ops[n][:2], t / calls, count[n] / calls, ops[n][2]) for n, t in total.items()]
+    return sorted(rows, key=lambda r: -r.ms_per_call)
+
+
+def summarise_ops(rows: list[OpTime], wall_ms: float | None = None, top: int = 20) -> str:
+    """The per-kind totals and the `top` most expensive ops, as text."""
+    by_kind: dict[str, float] = {}
+    for r in rows:
+        by_kind[r.kind] = by_kind.get(r.kind, 0.0) + r.ms_per_call
+    if not rows:
+        return "no profiled op matched the compiled HLO (an unrecognised trace format?)"
+    total = sum(by_kind.values())
+    lines = [f"op time {total:.2f} ms per call" + (f" (wall {wall_ms:.2f} ms)" if wall_ms else "")]
+    lines += [f"  {kind:15s} {ms:10.2f} ms  {ms / total:6.1%}" for kind, ms in
+              sorted(by_kind.items(), key=lambda kv: -kv[1])]
+    lines.append(f"top {top} ops:")
+    lines += [f"  {r.ms_per_call:9.3f} ms  x{r.count_per_call:<4.3g} {r.kind:15s} {r.name:32s} {r.shape[:34]:34s} {r.source[:40]}"
+              for r in rows[:top]]
+    return "\n".join(lines)

@@ -1,0 +1,35 @@
+"""The benchmarks' helpers and input checks (the timings themselves are benchmarks, not tests)."""
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import pytest
+
+from rfdit.benchmarking import profile_ops, summarise_ops
+from test_cli_sampling import load_script
+
+
+def test_profile_ops_attributes_time_to_the_compiled_ops(tmp_path):
+    a, b = jr.normal(jr.key(0), (256, 256)), jr.normal(jr.key(1), (256, 256))
+    options = {"xla_cpu_enable_xprof_traceme": True} if jax.default_backend() == "cpu" else {}
+    compiled = jax.jit(lambda a, b: jnp.tanh(a @ b).T.sum(0)).lower(a, b).compile(compiler_options=options)
+    rows = profile_ops(lambda: compiled(a, b), compiled.as_text(), 3, str(tmp_path))
+    kinds = {r.kind for r in rows}
+    assert "matmul" in kinds, rows
+    assert all(r.ms_per_call > 0 and r.count_per_call > 0 for r in rows)
+    assert all(r.name in compiled.as_text() for r in rows)
+    text = summarise_ops(rows, wall_ms=1.0, top=5)
+    assert "matmul" in text and "top 5 ops" in text
+
+
+def test_bench_vs_original_missing_checkout_says_what_to_pass(tmp_path):
+    bench = load_script("bench_vs_original")
+    with pytest.raises(SystemExit, match="diffusion_transformer.py.*kvfrans/jax-flow"):
+        bench.main(["--original_dir", str(tmp_path)])
+
+
+def test_bench_vs_original_missing_dependency_says_what_to_install(tmp_path):
+    bench = load_script("bench_vs_original")
+    (tmp_path / "diffusion_transformer.py").write_text("import rfdit_test_absent_module\n")
+    with pytest.raises(SystemExit, match="rfdit_test_absent_module.*pip install flax einops ml_collections"):
+        bench.main(["--original_dir", str(tmp_path)])

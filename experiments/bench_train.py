@@ -41,9 +41,11 @@ from rfdit.benchmarking import (
     matmul_peak_tflops,
     nominal_peak_tflops,
     peak_memory_bytes,
+    ops_by_kind,
     plain_train_step,
     profile_ops,
     summarise_ops,
+    time_calls,
 )
 from rfdit.distributed import global_batch, make_mesh, shard_state
 
@@ -90,19 +92,6 @@ def model_config(args: Args) -> rfdit.DiTConfig:
     if args.preset is not None:
         return rfdit.DiTConfig.preset(args.preset, **overrides)
     return rfdit.DiTConfig(**overrides)
-
-
-def time_calls(call, num_calls: int, repeats: int) -> list[float]:
-    """Seconds per call for each of `repeats` timings of `num_calls` calls."""
-    timings = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = None
-        for _ in range(num_calls):
-            out = call()
-        jax.block_until_ready(out)
-        timings.append((time.perf_counter() - start) / num_calls)
-    return timings
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -226,10 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
         trace_dir = args.profile_dir or tempfile.mkdtemp(prefix="rfdit_profile_")
         rows = profile_ops(profiled_call, compiled.as_text(), args.profile, trace_dir)
         print(summarise_ops(rows, wall_ms=1e3 * s_per_step * k))
-        by_kind: dict[str, float] = {}
-        for row in rows:
-            by_kind[row.kind] = by_kind.get(row.kind, 0.0) + row.ms_per_call
-        result["op_profile_ms_per_call"] = {kind: round(ms, 3) for kind, ms in by_kind.items()}
+        result["op_profile_ms_per_call"] = {kind: round(ms, 3) for kind, ms in ops_by_kind(rows).items()}
         result["profile_dir"] = trace_dir
     print(json.dumps(result))
     return result

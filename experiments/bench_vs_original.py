@@ -38,7 +38,7 @@ import optax
 import tyro
 
 import rfdit
-from rfdit.benchmarking import matmul_peak_tflops
+from rfdit.benchmarking import matmul_peak_tflops, time_calls
 
 CONFIGS = {
     "debug": dict(hidden_size=64, depth=2, num_heads=2, patch_size=2, mlp_ratio=1.0, image_size=8, in_channels=1,
@@ -174,18 +174,10 @@ def main(argv: list[str] | None = None) -> dict:
         compile_s[name] = round(time.perf_counter() - start, 2)
         jax.block_until_ready(call())  # one more warm-up call
 
-    def ms_per_step(call, num_calls: int, steps_per_call: int) -> float:
-        start = time.perf_counter()
-        out = None
-        for _ in range(num_calls):
-            out = call()
-        jax.block_until_ready(out)
-        return 1e3 * (time.perf_counter() - start) / (num_calls * steps_per_call)
-
     rounds = []
     for r in range(args.rounds):
-        o = ms_per_step(orig_call, steps, 1)
-        m = ms_per_step(our_call, steps // k, k)
+        o = 1e3 * time_calls(orig_call, steps, 1)[0]
+        m = 1e3 * time_calls(our_call, steps // k, 1)[0] / k
         rounds.append((o, m))
         print(f"round {r + 1}: original {o:.2f} ms/step, rfdit {m:.2f} ms/step, ratio {o / m:.3f}")
 

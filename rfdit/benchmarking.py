@@ -53,6 +53,19 @@ def compiled_footprint(compiled) -> int:
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
+def time_calls(call, num_calls: int, repeats: int) -> list[float]:
+    """Seconds per call for each of `repeats` timings of `num_calls` calls (synchronising once per timing)."""
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = None
+        for _ in range(num_calls):
+            out = call()
+        jax.block_until_ready(out)
+        timings.append((time.perf_counter() - start) / num_calls)
+    return timings
+
+
 def matmul_peak_tflops(dtype: str = "float32", size: int = 2048, repeats: int = 10) -> float:
     """TFLOP/s of a jitted size×size jnp matmul in `dtype` on the default device (median)."""
     a = jr.normal(jr.key(0), (size, size)).astype(dtype)
@@ -196,17 +209,22 @@ def profile_ops(call, hlo_text: str, calls: int, trace_dir: str) -> list[OpTime]
     return sorted(rows, key=lambda r: -r.ms_per_call)
 
 
-def summarise_ops(rows: list[OpTime], wall_ms: float | None = None, top: int = 20) -> str:
-    """The per-kind totals and the `top` most expensive ops, as text."""
+def ops_by_kind(rows: list[OpTime]) -> dict[str, float]:
+    """Milliseconds per call for each kind of op, largest first."""
     by_kind: dict[str, float] = {}
     for r in rows:
         by_kind[r.kind] = by_kind.get(r.kind, 0.0) + r.ms_per_call
+    return dict(sorted(by_kind.items(), key=lambda kv: -kv[1]))
+
+
+def summarise_ops(rows: list[OpTime], wall_ms: float | None = None, top: int = 20) -> str:
+    """The per-kind totals and the `top` most expensive ops, as text."""
+    by_kind = ops_by_kind(rows)
     if not rows:
         return "no profiled op matched the compiled HLO (an unrecognised trace format?)"
     total = sum(by_kind.values())
     lines = [f"op time {total:.2f} ms per call" + (f" (wall {wall_ms:.2f} ms)" if wall_ms else "")]
-    lines += [f"  {kind:15s} {ms:10.2f} ms  {ms / total:6.1%}" for kind, ms in
-              sorted(by_kind.items(), key=lambda kv: -kv[1])]
+    lines += [f"  {kind:15s} {ms:10.2f} ms  {ms / total:6.1%}" for kind, ms in by_kind.items()]
     lines.append(f"top {top} ops:")
     lines += [f"  {r.ms_per_call:9.3f} ms  x{r.count_per_call:<4.3g} {r.kind:15s} {r.name:32s} {r.shape[:34]:34s} {r.source[:40]}"
               for r in rows[:top]]

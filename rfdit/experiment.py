@@ -33,7 +33,7 @@ from .data.digits import LEVELS as DIGITS_LEVELS
 from .data.latents import LatentBatches, read_latents_meta
 from .distributed import global_batch, initialize, local_copy, make_mesh, shard_state
 from .flow import interpolate
-from .nn.dit import DiT, default_remat
+from .nn.dit import DiT, resolve_remat
 from .sampling import model_velocity, sample
 from .train import TrainState, TrainStep, make_optimizer
 
@@ -298,7 +298,7 @@ def resolve(args: TrainArgs) -> RunConfig:
         data_image_size=data_size,
         data_channels=defaults.channels, batch_size=args.batch_size or defaults.batch_size, max_steps=max_steps,
         seed=args.seed, steps_per_call=k, keep_checkpoints=args.keep_checkpoints, num_samples=args.num_samples,
-        precision=args.precision, fsdp=args.fsdp, remat=args.remat or default_remat(),
+        precision=args.precision, fsdp=args.fsdp, remat=resolve_remat(args.remat),
         scan_unroll=args.scan_unroll,
         grad_accum=args.grad_accum,
         debug_overfit=bool(args.debug_overfit), use_stable_vae=use_vae,

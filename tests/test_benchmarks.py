@@ -6,7 +6,8 @@ import jax.random as jr
 import pytest
 
 from rfdit.benchmarking import profile_ops, summarise_ops
-from test_cli_sampling import load_script
+
+from helpers import load_script
 
 
 def test_profile_ops_attributes_time_to_the_compiled_ops(tmp_path):

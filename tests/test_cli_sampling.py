@@ -6,10 +6,7 @@ on a handful of images: the Inception costs ~0.45 s per image on a 2-core CPU, a
 numerics are tested against independent references in test_fid.py.
 """
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import equinox as eqx
 import jax
@@ -24,16 +21,9 @@ from rfdit.checkpoint import export_model
 from rfdit.generation import INCEPTION_ID, resolve_sampler, vae_source
 from rfdit.nn.vae import StableVAE, VAEConfig
 
+from helpers import load_script
+
 NUM_FID_IMAGES = "4"  # Inception images per FID test: enough for a covariance, cheap on a CPU
-
-def load_script(name: str):
-    path = pathlib.Path(__file__).resolve().parent.parent / "experiments" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"experiments_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
 def digits_run(tiny_digits_run):

@@ -3,7 +3,6 @@
 import argparse
 import json
 import math
-import sys
 
 import equinox as eqx
 import jax
@@ -17,6 +16,8 @@ from rfdit.checkpoint import load_export
 from rfdit.config import DiTConfig
 from rfdit.importers import convert_state_dict, import_checkpoint, published_state_dict
 from rfdit.sampling import model_velocity
+
+from helpers import load_script
 
 # float32 on both sides; only summation orders differ (oneDNN vs XLA), ~1e-7 relative through these small
 # models, while any layout or wiring mistake gives O(1). 1e-5 is the bar.
@@ -312,18 +313,6 @@ def test_repa_time_flip_gives_the_same_samples_on_gaussian_data(getkey):
     np.testing.assert_allclose(samples["repa"], samples["rfdit"], rtol=1e-5, atol=1e-5)
     # the flow of Gaussian data is affine in the noise: x1 = mean + std · x0
     np.testing.assert_allclose(samples["rfdit"], mean[None] + std[None] * noise, rtol=1e-4, atol=1e-4)
-
-
-def load_script(name: str):
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parent.parent / "experiments" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"experiments_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_import_checkpoint_cli_takes_ema_and_reports_projectors(tmp_path):

@@ -71,11 +71,18 @@ def _add_bias(y: Float[Array, "... d"], bias: Float[Array, " d"]) -> Float[Array
     return y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)
 
 
-def default_remat() -> str:
-    """"dots" on CPUs, where recomputing the cheap activations beat storing them (BENCHMARKS.md:
-    the core configs and the digits run, 10-15% faster per step); "none" on accelerators, where
+def resolve_remat(remat: bool | str | None) -> str:
+    """A `remat` setting as one of REMAT_POLICIES' names: True and False mean "full" and "none";
+    None is "dots" on CPUs, where recomputing the cheap activations beat storing them (BENCHMARKS.md:
+    the core configs and the digits run, 7-30% faster per step), and "none" on accelerators, where
     it has not been measured."""
-    return "dots" if jax.default_backend() == "cpu" else "none"
+    if remat is None:
+        return "dots" if jax.default_backend() == "cpu" else "none"
+    if isinstance(remat, bool):
+        return "full" if remat else "none"
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat (={remat!r}) must be one of {list(REMAT_POLICIES)} (or a bool).")
+    return remat
 
 
 class Linear(eqx.Module):
@@ -241,18 +248,13 @@ class DiT(eqx.Module):
         rest (LayerNorm, modulation, attention, GELU), which is less memory and, on CPUs,
         faster (BENCHMARKS.md); "full" keeps only the block's input (least memory, about a
         third more compute). True and False mean "full" and "none"; None (the default) is
-        `default_remat()`: "dots" on CPUs, "none" elsewhere.
+        "dots" on CPUs and "none" elsewhere (`resolve_remat`).
 
         `scan_unroll` unrolls that many blocks per scan iteration (1 compiles fastest; the
         full depth ran DiT-B/2 ~20% faster on an H200, see BENCHMARKS.md)."""
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"compute dtype (={dtype!r}) must be 'float32' or 'bfloat16'.")
-        if remat is None:
-            remat = default_remat()
-        elif isinstance(remat, bool):
-            remat = "full" if remat else "none"
-        if remat not in REMAT_POLICIES:
-            raise ValueError(f"remat (={remat!r}) must be one of {list(REMAT_POLICIES)} (or a bool).")
+        remat = resolve_remat(remat)
         cfg = config
         h, p = cfg.hidden_size, cfg.patch_size
         patch_key, t1_key, t2_key, label_key, blocks_key = jr.split(key, 5)

@@ -1,45 +1,67 @@
 #!/usr/bin/env bash
-# The GPU figures of BENCHMARKS.md in one prepared run (about 6 minutes on an H100/H200):
-#   DiT-B/2 on 32x32x4 latents, batch 256, bf16 (+ sampling throughput: 32 Euler steps with guidance,
-#     and an op-by-op profile of the step in b2_bf16.log, its trace in b2_bf16_trace/);
-#   the same in float32 (true f32 matmuls: jax_default_matmul_precision=highest);
-#   DiT-XL/2 in bf16 at the largest batch whose compiled step fits (XLA memory analysis).
-#     bash experiments/gpu_bench.sh [OUT_DIR]          TINY=1 for a CPU rehearsal with tiny sizes
+# The GPU figures of BENCHMARKS.md in one prepared run (about 7 minutes on an H100/H200), each run its own process:
+#   b2_bf16        DiT-B/2 on 32x32x4 latents, batch 256, bf16, blocks unrolled; sampling throughput (32 Euler
+#                  steps with guidance) and an op-by-op profile of the step (in b2_bf16.log, trace in b2_bf16_trace/);
+#   b2_bf16_*      the same with one change each (VARIANTS, below), side by side;
+#   b2_f32         the same in float32 (true f32 matmuls: jax_default_matmul_precision=highest);
+#   xl2_bf16       DiT-XL/2 in bf16 at the largest batch whose compiled step fits (XLA's memory analysis).
+#     bash experiments/gpu_bench.sh [OUT_DIR]     TINY=1: a CPU rehearsal with tiny sizes; BUDGET=seconds for all runs
+# Runs stop early rather than overrun BUDGET (default 430 s); the table at the end says which ran.
 set -uo pipefail
 out=${1:-${OUT:-bench_out}}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR="$out/../.jax_cache_gpu" JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+export PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR="$out/.jax_cache" JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}  # JAX's default leaves 25% unused
 here=$(cd "$(dirname "$0")" && pwd)
+budget=${BUDGET:-430}
 if [ "${TINY:-0}" = 1 ]; then
-  b2="--hidden_size 64 --depth 2 --num_heads 2 --patch_size 2 --image_size 8"; xl="$b2"; batch=16
-  xl_batches="64 32 16"; steps="--steps 4 --repeats 2"; sample=8; peak="--peak_size 512"
+  b2="--hidden_size 64 --depth 2 --num_heads 2 --patch_size 2 --image_size 8"; xl="$b2"; batch=16; depth=2
+  xl_batches="64 32 16"; steps="--steps 4 --repeats 2"; short="--steps 2 --repeats 2"; sample=8; peak="--peak_size 512"
 else
-  b2="--preset B/2 --image_size 32"; xl="--preset XL/2 --image_size 32"; batch=256
-  xl_batches="256 128 64"; steps="--steps 20 --repeats 3"; sample=256; peak=""
+  b2="--preset B/2 --image_size 32"; xl="--preset XL/2 --image_size 32"; batch=256; depth=12
+  xl_batches="128 64 32"; steps="--steps 10 --repeats 3"; short="--steps 4 --repeats 2"; sample=256; peak=""
 fi
 common="--channels 4 --num_classes 1000 $peak"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$out/gpu.txt"
-run() {  # name, timeout, args...
-  local name=$1 limit=$2; shift 2
-  echo "== $name: $*"
-  timeout "$limit" python "$here/bench_train.py" "$@" 2>&1 | tee "$out/$name.log" | grep -v '^{' | tail -n 5
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>/dev/null | tee "$out/gpu.txt"
+names=()
+run() {  # name, timeout, "ENV=value ..." (or ""), bench_train args...
+  local name=$1 limit=$2 envs=$3; shift 3
+  local left=$((budget - SECONDS))
+  if [ "$left" -lt 30 ]; then echo "== $name: skipped (budget spent)"; return; fi
+  [ "$left" -lt "$limit" ] && limit=$left
+  names+=("$name")
+  echo "== $name ($envs): $*"
+  env $envs timeout "$limit" python "$here/bench_train.py" "$@" 2>&1 | tee "$out/$name.log" | grep -v '^{' | tail -n 3
   tail -n 1 "$out/$name.log" | grep '^{' > "$out/$name.json" || echo "$name: no result"
 }
-run b2_bf16 200 $b2 $common --batch_size $batch --precision bf16 $steps --sample_batch $sample \
-  --profile 5 --profile_dir "$out/b2_bf16_trace"
-run b2_f32 110 $b2 $common --batch_size $batch --precision float32 --steps 5 --repeats 2
-run xl2_bf16 190 $xl $common --precision bf16 --max_batch_from $xl_batches --steps 5 --repeats 2
-python - "$out" <<'PY'
+b2_args="$b2 $common --batch_size $batch --precision bf16 --scan_unroll $depth"
+run b2_bf16 170 "" $b2_args $steps --sample_batch $sample --profile 3 --profile_dir "$out/b2_bf16_trace"
+for v in ${VARIANTS-matmul_out cublaslt no_triton_gemm remat_dots scanned}; do
+  case $v in
+    matmul_out) run b2_bf16_$v 90 "RFDIT_MATMUL_OUT=compute" $b2_args $steps --profile 2 ;;
+    cublaslt) run b2_bf16_$v 90 "RFDIT_MATMUL_OUT=compute XLA_FLAGS=--xla_gpu_enable_cublaslt=true" $b2_args $steps ;;
+    no_triton_gemm) run b2_bf16_$v 90 "XLA_FLAGS=--xla_gpu_enable_triton_gemm=false" $b2_args $steps ;;
+    remat_dots) run b2_bf16_$v 90 "" $b2_args $steps --remat dots ;;
+    scanned) run b2_bf16_$v 70 "" $b2_args $steps --scan_unroll 1 ;;
+    *) echo "unknown variant $v" ;;
+  esac
+done
+run b2_f32 80 "" $b2 $common --batch_size $batch --precision float32 --scan_unroll $depth $short
+run xl2_bf16 110 "" $xl $common --precision bf16 --max_batch_from $xl_batches $short
+python - "$out" "${names[@]}" <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
-print(f"{'run':10} {'device':24} {'batch':>5} {'img/s':>9} {'ms/step':>9} {'MFU meas':>8} {'MFU nom':>8} {'peak TF':>8} {'mem GiB':>8} {'sample img/s':>12}")
-for name in ["b2_bf16", "b2_f32", "xl2_bf16"]:
+print(f"{'run':24} {'device':22} {'batch':>5} {'img/s':>8} {'ms/step':>8} {'MFU meas':>8} {'MFU nom':>7} "
+      f"{'peak TF':>7} {'mem GiB':>7} {'compile s':>9} {'sample img/s':>12}")
+for name in sys.argv[2:]:
     f = out / f"{name}.json"
     if not f.exists() or not f.read_text().strip():
-        print(f"{name:10} (no result)"); continue
+        print(f"{name:24} (no result)"); continue
     r = json.loads(f.read_text())
     mem = r.get("peak_memory_bytes") or 0
-    print(f"{name:10} {r['device'][:24]:24} {r['config']['batch_size']:>5} {r['img_per_s']:>9} {r['ms_per_step']:>9} "
-          f"{r['mfu_measured']:>8} {str(r['mfu_nominal']):>8} {r['peak_tflops_measured']:>8} {mem / 2**30:>8.1f} "
-          f"{str(r.get('sample_img_per_s', '')):>12}")
+    print(f"{name:24} {r['device'][:22]:22} {r['config']['batch_size']:>5} {r['img_per_s']:>8} {r['ms_per_step']:>8} "
+          f"{r['mfu_measured']:>8} {str(r['mfu_nominal']):>7} {r['peak_tflops_measured']:>7} {mem / 2**30:>7.1f} "
+          f"{r['compile_s']:>9} {str(r.get('sample_img_per_s', '')):>12}")
+    if "op_profile_ms_per_call" in r:
+        print(f"{'':24} ops ms/call: " + ", ".join(f"{k} {v}" for k, v in r["op_profile_ms_per_call"].items()))
 PY

@@ -202,10 +202,12 @@ def profile_ops(call, hlo_text: str, calls: int, trace_dir: str) -> list[OpTime]
                 continue
             for event in line.events:
                 name = event.name.lstrip("%").split(" ")[0]
-                if name in ops:
+                if name in ops or on_device:  # a device op the HLO text does not name is kept as "other"
                     total[name] = total.get(name, 0.0) + event.duration_ns / 1e6
                     count[name] = count.get(name, 0) + 1
-    rows = [OpTime(n, *ops[n][:2], t / calls, count[n] / calls, ops[n][2]) for n, t in total.items()]
+    unknown = ("other", "", "")
+    rows = [OpTime(n, *ops.get(n, unknown)[:2], t / calls, count[n] / calls, ops.get(n, unknown)[2])
+            for n, t in total.items()]
     return sorted(rows, key=lambda r: -r.ms_per_call)
 
 

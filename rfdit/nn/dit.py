@@ -96,8 +96,9 @@ class Linear(eqx.Module):
         """`compute_dtype_out` keeps the result in the compute dtype (halving the memory traffic of
         wide activations under bf16); otherwise it comes back in the input's dtype."""
         dtype = jnp.dtype(self.dtype)
-        y = jnp.matmul(x.astype(dtype), self.weight.T.astype(dtype), preferred_element_type=jnp.float32)
-        return _add_bias(y, self.bias).astype(dtype if compute_dtype_out else x.dtype)
+        out = dtype if os.environ.get("RFDIT_MATMUL_OUT") == "compute" else jnp.float32
+        y = jnp.matmul(x.astype(dtype), self.weight.T.astype(dtype), preferred_element_type=out)
+        return _add_bias(y, self.bias.astype(out)).astype(dtype if compute_dtype_out else x.dtype)
 
 
 def _xavier(key: PRNGKeyArray, out_features: int, in_features: int, dtype: str) -> Linear:

@@ -72,8 +72,8 @@ class Args:
     fsdp: int = 1
     remat: Literal["none", "dots", "full"] | None = None
     """what each block keeps for the backward pass (see rfdit.DiT; default "dots" on CPUs, else "none")"""
-    scan_unroll: int = 1
-    """blocks unrolled per scan iteration (the full depth is fastest on GPUs, slower to compile)"""
+    scan_unroll: int | None = None
+    """blocks unrolled per scan iteration (default: 1 on CPUs, the full depth elsewhere; see rfdit.DiT)"""
     baseline: bool = False
     max_batch_from: tuple[int, ...] = ()
     sample_batch: int = 0
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     result.update({
         "device": f"{device.device_kind} x{jax.device_count()}",
         "config": {**cfg.to_dict(), "batch_size": batch_size, "steps_per_call": k, "precision": args.precision,
-                   "fsdp": args.fsdp, "remat": model.remat, "scan_unroll": args.scan_unroll},
+                   "fsdp": args.fsdp, "remat": model.remat, "scan_unroll": model.scan_unroll},
         "matmul_precision": matmul_precision,
         "params": cfg.num_params(),
         "gflops_per_img": flops_per_img / 1e9,

@@ -59,7 +59,7 @@ class Args:
     """steps timed per round (default: 40 for debug, 3 for hidden256)"""
     steps_per_call: int = 1
     """rfdit: steps scanned inside one compiled call"""
-    scan_unroll: int = 1
+    scan_unroll: int | None = None
     """rfdit: DiT blocks unrolled per scan iteration"""
     remat: Literal["none", "dots", "full"] | None = None
     """rfdit: what each block keeps for the backward pass (see rfdit.DiT; default "dots" on CPUs)"""
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": f"{device.device_kind} x{jax.device_count()}",
         "config": args.config,
         "model": {**spec, "batch_size": batch_size},
-        "rfdit_settings": {"steps_per_call": k, "scan_unroll": args.scan_unroll, "remat": model.remat},
+        "rfdit_settings": {"steps_per_call": k, "scan_unroll": model.scan_unroll, "remat": model.remat},
         "compile_s": compile_s,
         "original_ms_per_step": round(orig_ms, 3),
         "rfdit_ms_per_step": round(our_ms, 3),

@@ -1,25 +1,25 @@
 #!/usr/bin/env bash
 # The GPU figures of BENCHMARKS.md in one prepared run (about 7 minutes on an H100/H200), each run its own process:
-#   b2_bf16        DiT-B/2 on 32x32x4 latents, batch 256, bf16, blocks unrolled; sampling throughput (32 Euler
+#   b2_bf16        DiT-B/2 on 32x32x4 latents, batch 256, bf16 (defaults); sampling throughput (32 Euler
 #                  steps with guidance) and an op-by-op profile of the step (in b2_bf16.log, trace in b2_bf16_trace/);
 #   b2_bf16_*      the same with one change each (VARIANTS, below), side by side;
 #   b2_f32         the same in float32 (true f32 matmuls: jax_default_matmul_precision=highest);
 #   xl2_bf16       DiT-XL/2 in bf16 at the largest batch whose compiled step fits (XLA's memory analysis).
 #     bash experiments/gpu_bench.sh [OUT_DIR]     TINY=1: a CPU rehearsal with tiny sizes; BUDGET=seconds for all runs
-# Runs stop early rather than overrun BUDGET (default 430 s); the table at the end says which ran.
+# Runs stop early rather than overrun BUDGET (default 480 s); the table at the end says which ran.
 set -uo pipefail
 out=${1:-${OUT:-bench_out}}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR="$out/.jax_cache" JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}  # JAX's default leaves 25% unused
 here=$(cd "$(dirname "$0")" && pwd)
-budget=${BUDGET:-430}
+budget=${BUDGET:-480}
 if [ "${TINY:-0}" = 1 ]; then
-  b2="--hidden_size 64 --depth 2 --num_heads 2 --patch_size 2 --image_size 8"; xl="$b2"; batch=16; depth=2
+  b2="--hidden_size 64 --depth 2 --num_heads 2 --patch_size 2 --image_size 8"; xl="$b2"; batch=16
   xl_batches="64 32 16"; steps="--steps 4 --repeats 2"; short="--steps 2 --repeats 2"; sample=8; peak="--peak_size 512"
 else
-  b2="--preset B/2 --image_size 32"; xl="--preset XL/2 --image_size 32"; batch=256; depth=12
-  xl_batches="128 64 32"; steps="--steps 10 --repeats 3"; short="--steps 4 --repeats 2"; sample=256; peak=""
+  b2="--preset B/2 --image_size 32"; xl="--preset XL/2 --image_size 32"; batch=256
+  xl_batches="128 64"; steps="--steps 10 --repeats 3"; short="--steps 4 --repeats 2"; sample=256; peak=""
 fi
 common="--channels 4 --num_classes 1000 $peak"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>/dev/null | tee "$out/gpu.txt"
@@ -34,20 +34,19 @@ run() {  # name, timeout, "ENV=value ..." (or ""), bench_train args...
   env $envs timeout "$limit" python "$here/bench_train.py" "$@" 2>&1 | tee "$out/$name.log" | grep -v '^{' | tail -n 3
   tail -n 1 "$out/$name.log" | grep '^{' > "$out/$name.json" || echo "$name: no result"
 }
-b2_args="$b2 $common --batch_size $batch --precision bf16 --scan_unroll $depth"
+b2_args="$b2 $common --batch_size $batch --precision bf16"
 run b2_bf16 170 "" $b2_args $steps --sample_batch $sample --profile 3 --profile_dir "$out/b2_bf16_trace"
-for v in ${VARIANTS-matmul_out cublaslt no_triton_gemm remat_dots scanned}; do
+for v in ${VARIANTS-scanned no_triton_gemm}; do
   case $v in
-    matmul_out) run b2_bf16_$v 90 "RFDIT_MATMUL_OUT=compute" $b2_args $steps --profile 2 ;;
-    cublaslt) run b2_bf16_$v 90 "RFDIT_MATMUL_OUT=compute XLA_FLAGS=--xla_gpu_enable_cublaslt=true" $b2_args $steps ;;
-    no_triton_gemm) run b2_bf16_$v 90 "XLA_FLAGS=--xla_gpu_enable_triton_gemm=false" $b2_args $steps ;;
-    remat_dots) run b2_bf16_$v 90 "" $b2_args $steps --remat dots ;;
-    scanned) run b2_bf16_$v 70 "" $b2_args $steps --scan_unroll 1 ;;
+    scanned) run b2_bf16_$v 60 "" $b2_args $steps --scan_unroll 1 ;;
+    no_triton_gemm) run b2_bf16_$v 75 "XLA_FLAGS=--xla_gpu_enable_triton_gemm=false" $b2_args $steps ;;
+    cublaslt) run b2_bf16_$v 75 "XLA_FLAGS=--xla_gpu_enable_cublaslt=true" $b2_args $steps ;;
+    remat_dots) run b2_bf16_$v 75 "" $b2_args $steps --remat dots ;;
     *) echo "unknown variant $v" ;;
   esac
 done
-run b2_f32 80 "" $b2 $common --batch_size $batch --precision float32 --scan_unroll $depth $short
-run xl2_bf16 110 "" $xl $common --precision bf16 --max_batch_from $xl_batches $short
+run xl2_bf16 130 "" $xl $common --precision bf16 --max_batch_from $xl_batches $short
+run b2_f32 110 "" $b2 $common --batch_size $batch --precision float32 $short
 python - "$out" "${names[@]}" <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])

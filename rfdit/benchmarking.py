@@ -172,6 +172,15 @@ def _op_kinds(hlo_text: str) -> dict[str, tuple[str, str, str]]:
     return ops
 
 
+def _library_kernel_kind(name: str) -> str:
+    """The kind of a GPU kernel that no HLO instruction names (cuBLAS, cuDNN, ...)."""
+    if re.search(r"sdpa|flash|fmha|attn|cudnn", name):
+        return "attention"
+    if re.search(r"gemm|nvjet|xmma|cutlass|gemv", name):
+        return "matmul"
+    return "other"
+
+
 def profile_ops(call, hlo_text: str, calls: int, trace_dir: str) -> list[OpTime]:
     """Run `call()` `calls` times under `jax.profiler` and attribute the recorded op events to the
     compiled module's instructions (`hlo_text`, from `compiled.as_text()`).
@@ -193,21 +202,23 @@ def profile_ops(call, hlo_text: str, calls: int, trace_dir: str) -> list[OpTime]
     if not traces:
         raise RuntimeError(f"jax.profiler wrote no trace under {trace_dir}.")
     ops = _op_kinds(hlo_text)
+    kernel_names = {re.sub(r"[.\-]", "_", name): name for name in ops}  # GPU kernels are named after their fusion
     total: dict[str, float] = {}
     count: dict[str, int] = {}
     for plane in ProfileData.from_file(str(traces[-1])).planes:
         on_device = plane.name.startswith("/device:")
-        for line in plane.lines:
-            if on_device and line.name != "XLA Ops":
-                continue
+        lines = list(plane.lines)
+        if on_device and any(line.name == "XLA Ops" for line in lines):
+            lines = [line for line in lines if line.name == "XLA Ops"]  # else the streams' kernels
+        for line in lines:
             for event in line.events:
                 name = event.name.lstrip("%").split(" ")[0]
-                if name in ops or on_device:  # a device op the HLO text does not name is kept as "other"
+                name = kernel_names.get(name, name) if on_device else name
+                if name in ops or on_device:  # library kernels (cuBLAS, cuDNN) are kept by their own names
                     total[name] = total.get(name, 0.0) + event.duration_ns / 1e6
                     count[name] = count.get(name, 0) + 1
-    unknown = ("other", "", "")
-    rows = [OpTime(n, *ops.get(n, unknown)[:2], t / calls, count[n] / calls, ops.get(n, unknown)[2])
-            for n, t in total.items()]
+    rows = [OpTime(n, *(ops[n][:2] if n in ops else (_library_kernel_kind(n), "")), t / calls, count[n] / calls,
+                   ops[n][2] if n in ops else "") for n, t in total.items()]
     return sorted(rows, key=lambda r: -r.ms_per_call)
 
 
@@ -228,6 +239,6 @@ def summarise_ops(rows: list[OpTime], wall_ms: float | None = None, top: int = 2
     lines = [f"op time {total:.2f} ms per call" + (f" (wall {wall_ms:.2f} ms)" if wall_ms else "")]
     lines += [f"  {kind:15s} {ms:10.2f} ms  {ms / total:6.1%}" for kind, ms in by_kind.items()]
     lines.append(f"top {top} ops:")
-    lines += [f"  {r.ms_per_call:9.3f} ms  x{r.count_per_call:<4.3g} {r.kind:15s} {r.name:32s} {r.shape[:34]:34s} {r.source[:40]}"
+    lines += [f"  {r.ms_per_call:9.3f} ms  x{r.count_per_call:<4.3g} {r.kind:15s} {r.name[:60]:32s} {r.shape[:34]:34s} {r.source[:40]}"
               for r in rows[:top]]
     return "\n".join(lines)

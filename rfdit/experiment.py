@@ -33,7 +33,7 @@ from .data.digits import LEVELS as DIGITS_LEVELS
 from .data.latents import LatentBatches, read_latents_meta
 from .distributed import global_batch, initialize, local_copy, make_mesh, shard_state
 from .flow import interpolate
-from .nn.dit import DiT, resolve_remat
+from .nn.dit import DiT, resolve_remat, resolve_scan_unroll
 from .sampling import model_velocity, sample
 from .train import TrainState, TrainStep, make_optimizer
 
@@ -176,8 +176,9 @@ class TrainArgs:
     """what each block keeps for the backward pass: everything; only its linear layers' outputs (less
     memory, faster on CPUs); or only its input (least memory, ~1/3 more compute). Default: "dots" on
     CPUs, "none" elsewhere"""
-    scan_unroll: int = 1
-    """blocks unrolled per scan iteration; the model's depth is fastest on GPUs (slower to compile)"""
+    scan_unroll: int | None = None
+    """blocks unrolled per scan iteration. Default: 1 on CPUs, the model's depth elsewhere (faster on
+    GPUs, slower to compile)"""
     grad_accum: int = 1
     """split each batch into this many micro-batches (the same update as the full batch)"""
     coordinator_address: str | None = None
@@ -299,7 +300,7 @@ def resolve(args: TrainArgs) -> RunConfig:
         data_channels=defaults.channels, batch_size=args.batch_size or defaults.batch_size, max_steps=max_steps,
         seed=args.seed, steps_per_call=k, keep_checkpoints=args.keep_checkpoints, num_samples=args.num_samples,
         precision=args.precision, fsdp=args.fsdp, remat=resolve_remat(args.remat),
-        scan_unroll=args.scan_unroll,
+        scan_unroll=resolve_scan_unroll(args.scan_unroll, model.depth),
         grad_accum=args.grad_accum,
         debug_overfit=bool(args.debug_overfit), use_stable_vae=use_vae,
         dequantize=bool(args.dequantize), vae_path=vae_path,

@@ -85,6 +85,17 @@ def resolve_remat(remat: bool | str | None) -> str:
     return remat
 
 
+def resolve_scan_unroll(scan_unroll: int | None, depth: int) -> int:
+    """Blocks unrolled per scan iteration: None is 1 on CPUs, where unrolled blocks ran slower (XLA
+    fuses the residual gradients into strided transposes; BENCHMARKS.md), and the full depth on
+    accelerators, where it ran DiT-B/2 20-30% faster (H100, H200) for a longer compile."""
+    if scan_unroll is None:
+        return 1 if jax.default_backend() == "cpu" else depth
+    if scan_unroll < 1:
+        raise ValueError(f"scan_unroll (={scan_unroll}) must be >= 1.")
+    return min(scan_unroll, depth)
+
+
 class Linear(eqx.Module):
     """y = x W^T + b, computed in `dtype` (float32 by default, bfloat16 for mixed precision)."""
 
@@ -93,12 +104,16 @@ class Linear(eqx.Module):
     dtype: str = eqx.field(static=True, default="float32")
 
     def __call__(self, x: Float[Array, "... in"], *, compute_dtype_out: bool = False) -> Float[Array, "... out"]:
-        """`compute_dtype_out` keeps the result in the compute dtype (halving the memory traffic of
-        wide activations under bf16); otherwise it comes back in the input's dtype."""
+        """The product accumulates in float32 and is written in the compute dtype, bias included (as
+        PyTorch's autocast does). `compute_dtype_out` keeps the result in the compute dtype (halving the
+        memory traffic of wide activations under bf16); otherwise it comes back in the input's dtype.
+
+        A float32 output under bf16 would make the backward pass's products float32 too (the cotangent
+        is float32): on an H100 that ran them as TF32 at half the bf16 rate, 207 ms per DiT-B/2 step
+        against 106 ms (BENCHMARKS.md)."""
         dtype = jnp.dtype(self.dtype)
-        out = dtype if os.environ.get("RFDIT_MATMUL_OUT") == "compute" else jnp.float32
-        y = jnp.matmul(x.astype(dtype), self.weight.T.astype(dtype), preferred_element_type=out)
-        return _add_bias(y, self.bias.astype(out)).astype(dtype if compute_dtype_out else x.dtype)
+        y = jnp.matmul(x.astype(dtype), self.weight.T.astype(dtype), preferred_element_type=dtype)
+        return _add_bias(y, self.bias.astype(dtype)).astype(dtype if compute_dtype_out else x.dtype)
 
 
 def _xavier(key: PRNGKeyArray, out_features: int, in_features: int, dtype: str) -> Linear:
@@ -220,8 +235,8 @@ class PatchEmbed(eqx.Module):
         patches = patches.reshape(-1, p * p * channels)  # (n, p*p*C), row-major over (h, w)
         dtype = jnp.dtype(self.dtype)
         w = self.weight.reshape(self.weight.shape[0], -1).astype(dtype)
-        y = jnp.matmul(patches.astype(dtype), w.T, preferred_element_type=jnp.float32)
-        return _add_bias(y, self.bias).astype(x.dtype)
+        y = jnp.matmul(patches.astype(dtype), w.T, preferred_element_type=dtype)  # see Linear
+        return _add_bias(y, self.bias.astype(dtype)).astype(x.dtype)
 
 
 class DiT(eqx.Module):
@@ -240,7 +255,7 @@ class DiT(eqx.Module):
 
     def __init__(
         self, config: DiTConfig, *, key: PRNGKeyArray, dtype: str = "float32", remat: bool | str | None = None,
-        scan_unroll: int = 1,
+        scan_unroll: int | None = None,
     ):
         """`dtype` is the matmul compute dtype (parameters are always float32).
 
@@ -251,8 +266,8 @@ class DiT(eqx.Module):
         third more compute). True and False mean "full" and "none"; None (the default) is
         "dots" on CPUs and "none" elsewhere (`resolve_remat`).
 
-        `scan_unroll` unrolls that many blocks per scan iteration (1 compiles fastest; the
-        full depth ran DiT-B/2 ~20% faster on an H200, see BENCHMARKS.md)."""
+        `scan_unroll` unrolls that many blocks per scan iteration; None (the default) is 1 on
+        CPUs and the full depth elsewhere (`resolve_scan_unroll`)."""
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"compute dtype (={dtype!r}) must be 'float32' or 'bfloat16'.")
         remat = resolve_remat(remat)
@@ -272,9 +287,7 @@ class DiT(eqx.Module):
         self.final_linear = _zeros(p * p * cfg.out_channels, h, dtype)
         self.config = cfg
         self.remat = remat
-        if scan_unroll < 1:
-            raise ValueError(f"scan_unroll (={scan_unroll}) must be >= 1.")
-        self.scan_unroll = scan_unroll
+        self.scan_unroll = resolve_scan_unroll(scan_unroll, cfg.depth)
 
     def embed(self, t: Float[Array, ""], y: Int[Array, ""]) -> Float[Array, " d"]:
         """The conditioning vector c = timestep embedding + label embedding."""

@@ -213,7 +213,8 @@ def profile_ops(call, hlo_text: str, calls: int, trace_dir: str) -> list[OpTime]
         for line in lines:
             for event in line.events:
                 name = event.name.lstrip("%").split(" ")[0]
-                name = kernel_names.get(name, name) if on_device else name
+                if on_device:  # a fusion's kernel, or a library's (its name up to the argument list)
+                    name = kernel_names.get(name) or (name if name in ops else event.name.split("(")[0])
                 if name in ops or on_device:  # library kernels (cuBLAS, cuDNN) are kept by their own names
                     total[name] = total.get(name, 0.0) + event.duration_ns / 1e6
                     count[name] = count.get(name, 0) + 1

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import pytest
 
-from rfdit.benchmarking import profile_ops, summarise_ops
+from rfdit.benchmarking import _library_kernel_kind, profile_ops, summarise_ops
 
 from helpers import load_script
 
@@ -21,6 +21,15 @@ def test_profile_ops_attributes_time_to_the_compiled_ops(tmp_path):
     assert all(r.name in compiled.as_text() for r in rows)
     text = summarise_ops(rows, wall_ms=1.0, top=5)
     assert "matmul" in text and "top 5 ops" in text
+
+
+def test_library_kernels_of_a_gpu_trace_get_their_kind():
+    # kernel names as an H100 trace recorded them (cuBLAS, cuDNN); XLA's own fusions match the HLO instead
+    assert _library_kernel_kind("nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT") == "matmul"
+    assert _library_kernel_kind("sm90_xmma_gemm_f32f32_tf32f32_f32_nt_n_tilesize128x128x32") == "matmul"
+    assert _library_kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16") == "attention"
+    assert _library_kernel_kind("void cudnn::fusion::compute_dot_do_o_specialized<true, 64>") == "attention"
+    assert _library_kernel_kind("loop_add_fusion_27") == "other"
 
 
 def test_bench_vs_original_missing_checkout_says_what_to_pass(tmp_path):

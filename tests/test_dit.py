@@ -9,7 +9,7 @@ import pytest
 
 import rfdit
 from rfdit.config import PRESETS
-from rfdit.nn.dit import sincos_pos_embed, timestep_features, with_compute_dtype
+from rfdit.nn.dit import resolve_scan_unroll, sincos_pos_embed, timestep_features, with_compute_dtype
 
 
 def closed_form_params(h, d, p, c, k, o, r):
@@ -164,6 +164,49 @@ def test_dit_bf16_compute_close_to_f32(getkey):
     assert out.dtype == jnp.float32
     rel = jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)
     assert 0 < rel < 2e-2  # bf16 operands carry 8 mantissa bits: ~1e-3..1e-2 relative error
+
+
+def _dot_dtypes(jaxpr) -> list[tuple[tuple[int, ...], ...]]:
+    """(operand ranks, operand dtypes) of every dot_general in a jaxpr, inner jaxprs (scan, remat) included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append((tuple(v.aval.ndim for v in eqn.invars), tuple(str(v.aval.dtype) for v in eqn.invars)))
+        for param in eqn.params.values():
+            for inner in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    found += _dot_dtypes(inner)
+    return found
+
+
+def test_dit_bf16_backward_products_stay_bf16(getkey):
+    # A float32 product output under bf16 makes its cotangent, and so the backward pass's products,
+    # float32: on an H100 those ran as TF32 and the DiT-B/2 step took twice as long (BENCHMARKS.md).
+    model = with_compute_dtype(perturbed(small_model(getkey()), getkey()), "bfloat16")
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    x, t, y = jr.normal(getkey(), (2, 8, 8, 3)), jr.uniform(getkey(), (2,)), jnp.arange(2)
+    loss = lambda p: jnp.mean(jax.vmap(eqx.combine(p, static))(x, t, y) ** 2)
+    dots = _dot_dtypes(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    # the linear layers' products, forward and backward (operands of rank <= 3 under vmap); XLA's
+    # attention (batched over examples and heads: rank >= 4) keeps its logits in float32 by design and
+    # runs fused (cuDNN) where it matters
+    linear = [dtypes for ranks, dtypes in dots if min(ranks) <= 3]
+    assert len(linear) >= 3 * 5  # x@W, g@W, x^T g for the five linears of the scanned block, and more
+    assert all(dtypes == ("bfloat16", "bfloat16") for dtypes in linear), linear
+
+
+def test_dit_scan_unroll_default_and_equivalence(getkey):
+    assert resolve_scan_unroll(None, 12) == (1 if jax.default_backend() == "cpu" else 12)
+    assert resolve_scan_unroll(4, 12) == 4 and resolve_scan_unroll(40, 12) == 12
+    with pytest.raises(ValueError, match="scan_unroll"):
+        resolve_scan_unroll(0, 12)
+    model = perturbed(small_model(getkey()), getkey())
+    x, t, y = jr.normal(getkey(), (8, 8, 3)), jnp.asarray(0.3), jnp.asarray(2)
+    unrolled = with_compute_dtype(model, "float32", scan_unroll=model.config.depth)
+    assert unrolled.scan_unroll == model.config.depth
+    # the same blocks in the same order; XLA may fuse the unrolled ones differently: float32 rounding only
+    np.testing.assert_allclose(unrolled(x, t, y), model(x, t, y), rtol=1e-5, atol=1e-6)
 
 
 def test_dit_remat_policies_give_the_same_gradients(getkey):

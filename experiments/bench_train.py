@@ -66,8 +66,8 @@ class Args:
     """timed steps (after warm-up); the median of `repeats` timings is reported"""
     repeats: int = 5
     steps_per_call: int = 1
-    grad_accum: int = 1
-    """split each batch into this many micro-batches inside the step (smaller working sets)"""
+    grad_accum: int | None = None
+    """split each batch into this many micro-batches inside the step (default: see rfdit.TrainStep)"""
     precision: Literal["float32", "bf16"] = "float32"
     matmul_precision: Literal["default", "high", "highest"] | None = None
     """jax_default_matmul_precision; default: "highest" for float32 (true f32, not TF32), "default" for bf16"""
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     result.update({
         "device": f"{device.device_kind} x{jax.device_count()}",
         "config": {**cfg.to_dict(), "batch_size": batch_size, "steps_per_call": k, "precision": args.precision,
-                   "fsdp": args.fsdp, "grad_accum": args.grad_accum, "remat": model.remat, "scan_unroll": model.scan_unroll},
+                   "fsdp": args.fsdp, "grad_accum": rfdit.train.resolve_grad_accum(args.grad_accum, model, batch_size), "remat": model.remat, "scan_unroll": model.scan_unroll},
         "matmul_precision": matmul_precision,
         "params": cfg.num_params(),
         "gflops_per_img": flops_per_img / 1e9,

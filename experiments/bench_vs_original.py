@@ -58,6 +58,8 @@ class Args:
     steps: int | None = None
     """steps timed per round (default: 40 for debug, 3 for hidden256)"""
     steps_per_call: int = 1
+    grad_accum: int | None = None
+    """rfdit's step only: micro-batches per step (default: see rfdit.TrainStep)"""
     """rfdit: steps scanned inside one compiled call"""
     scan_unroll: int | None = None
     """rfdit: DiT blocks unrolled per scan iteration"""
@@ -158,7 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
     optim = rfdit.OptimConfig()
     optimizer = rfdit.make_optimizer(optim)
     flow = rfdit.FlowConfig(t_sampler="logit-normal", t_clip_max=0.99)
-    step = rfdit.TrainStep(optimizer, flow, optim, num_classes=cfg.num_classes, steps_per_call=k)
+    step = rfdit.TrainStep(optimizer, flow, optim, num_classes=cfg.num_classes, steps_per_call=k,
+                           grad_accum=args.grad_accum)
     ours = [rfdit.TrainState.create(model, optimizer, key=state_key)]
     our_images = images if k == 1 else jnp.broadcast_to(images, (k, *shape))
     our_labels = labels if k == 1 else jnp.broadcast_to(labels, (k, batch_size))
@@ -189,7 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
         "device": f"{device.device_kind} x{jax.device_count()}",
         "config": args.config,
         "model": {**spec, "batch_size": batch_size},
-        "rfdit_settings": {"steps_per_call": k, "scan_unroll": model.scan_unroll, "remat": model.remat},
+        "rfdit_settings": {"steps_per_call": k, "scan_unroll": model.scan_unroll, "remat": model.remat,
+                           "grad_accum": rfdit.train.resolve_grad_accum(args.grad_accum, model, batch_size)},
         "compile_s": compile_s,
         "original_ms_per_step": round(orig_ms, 3),
         "rfdit_ms_per_step": round(our_ms, 3),

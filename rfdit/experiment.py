@@ -179,8 +179,9 @@ class TrainArgs:
     scan_unroll: int | None = None
     """blocks unrolled per scan iteration. Default: 1 on CPUs, the model's depth elsewhere (faster on
     GPUs, slower to compile)"""
-    grad_accum: int = 1
-    """split each batch into this many micro-batches (the same update as the full batch)"""
+    grad_accum: int | None = None
+    """split each batch into this many micro-batches (the same update as the full batch). Default: 1,
+    except on one CPU device, where large activations are split to fit the caches"""
     coordinator_address: str | None = None
     """multi-process: host:port of process 0 (SLURM and TPU pods are detected without it)"""
     num_processes: int | None = None
@@ -213,7 +214,7 @@ class RunConfig:
     fsdp: int
     remat: str
     scan_unroll: int
-    grad_accum: int
+    grad_accum: int | None
     debug_overfit: bool
     dequantize: bool
     use_stable_vae: bool

@@ -90,3 +90,42 @@ def test_optimizer_options():
     assert float(jnp.abs(updates["w"]).max()) < 1e-3  # warm-up starts at lr 0 (only decay moves it)
     with pytest.raises(ValueError, match="beta2"):
         rfdit.OptimConfig(beta2=1.0)
+
+
+def test_cpu_micro_batches_by_default_give_the_same_update():
+    from rfdit.train import resolve_grad_accum
+
+    def shape_only(**kw):
+        return eqx.filter_eval_shape(rfdit.DiT, rfdit.DiTConfig(**kw), key=jr.key(0))
+
+    hidden256 = shape_only(image_size=16, in_channels=3, patch_size=2, hidden_size=256, depth=4, num_heads=4,
+                           mlp_ratio=4.0, num_classes=10)
+    debug = shape_only(image_size=8, in_channels=1, patch_size=2, hidden_size=64, depth=2, num_heads=2,
+                       mlp_ratio=1.0, num_classes=10)
+    single_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
+    # 64 examples x 64 tokens x 1024 MLP features x 4 bytes = 16 MiB: four micro-batches of 4 MiB
+    assert resolve_grad_accum(None, hidden256, 64) == (4 if single_cpu else 1)
+    assert resolve_grad_accum(None, debug, 128) == 1  # 1.5 MiB: left whole
+    assert resolve_grad_accum(3, debug, 128) == 3
+    with pytest.raises(ValueError, match="grad_accum"):
+        resolve_grad_accum(0, debug, 128)
+
+    # 512 examples x 16 tokens x 192 (qkv) x 4 bytes = 6 MiB: two micro-batches by default
+    cfg = rfdit.DiTConfig(image_size=8, in_channels=1, patch_size=2, hidden_size=64, depth=2, num_heads=4,
+                          mlp_ratio=2.0, num_classes=10)
+    optim = rfdit.OptimConfig(lr=1e-3)
+    optimizer = rfdit.make_optimizer(optim)
+    model = rfdit.DiT(cfg, key=jr.key(3))
+    assert resolve_grad_accum(None, model, 512) == (2 if single_cpu else 1)
+    data = load_digits_split()
+    images, labels = jnp.asarray(data["train_images"][:512]), jnp.asarray(data["train_labels"][:512])
+    after = {}
+    for grad_accum in (None, 1):
+        fresh = jax.tree_util.tree_map(lambda x: jnp.copy(x) if eqx.is_array(x) else x, model)  # the step donates
+        state = rfdit.TrainState.create(fresh, optimizer, key=jr.key(4))
+        step = rfdit.TrainStep(optimizer, rfdit.FlowConfig(), optim, num_classes=10, grad_accum=grad_accum)
+        state, _ = step(state, images, labels)
+        after[grad_accum] = jnp.concatenate([x.ravel() for x in jax.tree_util.tree_leaves(eqx.filter(state.model, eqx.is_array))])
+    # the same draws and gradients, summed in two halves: float32 rounding only
+    rel = jnp.linalg.norm(after[None] - after[1]) / jnp.linalg.norm(after[1])
+    assert rel < 1e-5, rel

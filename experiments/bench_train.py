@@ -48,6 +48,7 @@ from rfdit.benchmarking import (
     time_calls,
 )
 from rfdit.distributed import global_batch, make_mesh, shard_state
+from rfdit.nn.dit import resolve_scan_unroll
 
 
 @dataclasses.dataclass
@@ -75,7 +76,7 @@ class Args:
     remat: Literal["none", "dots", "full"] | None = None
     """what each block keeps for the backward pass (see rfdit.DiT; default "dots" on CPUs, else "none")"""
     scan_unroll: int | None = None
-    """blocks unrolled per scan iteration (default: 1 on CPUs, the full depth elsewhere; see rfdit.DiT)"""
+    """blocks unrolled per scan iteration (default: 1 on CPUs or with --fsdp, the full depth elsewhere)"""
     baseline: bool = False
     max_batch_from: tuple[int, ...] = ()
     sample_batch: int = 0
@@ -108,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     key = jr.key(args.seed)
     model_key, state_key, data_key = jr.split(key, 3)
-    model = rfdit.DiT(cfg, key=model_key, dtype=dtype, remat=args.remat, scan_unroll=args.scan_unroll)
+    unroll = resolve_scan_unroll(args.scan_unroll, cfg.depth, sharded_params=args.fsdp > 1)
+    model = rfdit.DiT(cfg, key=model_key, dtype=dtype, remat=args.remat, scan_unroll=unroll)
     optim = rfdit.OptimConfig()
     optimizer = rfdit.make_optimizer(optim)
     mesh = make_mesh(args.fsdp)
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     result.update({
         "device": f"{device.device_kind} x{jax.device_count()}",
         "config": {**cfg.to_dict(), "batch_size": batch_size, "steps_per_call": k, "precision": args.precision,
-                   "fsdp": args.fsdp, "grad_accum": rfdit.train.resolve_grad_accum(args.grad_accum, model, batch_size), "remat": model.remat, "scan_unroll": model.scan_unroll},
+                   "fsdp": args.fsdp, "grad_accum": step.micro_batches(model, batch_size), "remat": model.remat, "scan_unroll": model.scan_unroll},
         "matmul_precision": matmul_precision,
         "params": cfg.num_params(),
         "gflops_per_img": flops_per_img / 1e9,

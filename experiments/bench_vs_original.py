@@ -58,9 +58,9 @@ class Args:
     steps: int | None = None
     """steps timed per round (default: 40 for debug, 3 for hidden256)"""
     steps_per_call: int = 1
-    grad_accum: int | None = None
-    """rfdit's step only: micro-batches per step (default: see rfdit.TrainStep)"""
     """rfdit: steps scanned inside one compiled call"""
+    grad_accum: int | None = None
+    """rfdit: micro-batches per step (default: see rfdit.TrainStep)"""
     scan_unroll: int | None = None
     """rfdit: DiT blocks unrolled per scan iteration"""
     remat: Literal["none", "dots", "full"] | None = None
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
         "config": args.config,
         "model": {**spec, "batch_size": batch_size},
         "rfdit_settings": {"steps_per_call": k, "scan_unroll": model.scan_unroll, "remat": model.remat,
-                           "grad_accum": rfdit.train.resolve_grad_accum(args.grad_accum, model, batch_size)},
+                           "grad_accum": step.micro_batches(model, batch_size)},
         "compile_s": compile_s,
         "original_ms_per_step": round(orig_ms, 3),
         "rfdit_ms_per_step": round(our_ms, 3),

@@ -11,7 +11,8 @@
 set -uo pipefail
 out=${1:-${OUT:-bench_out}}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR="$out/.jax_cache" JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+export PYTHONUNBUFFERED=1 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-${TMPDIR:-/tmp}/rfdit_jax_cache}  # not among the results
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}  # JAX's default leaves 25% unused
 here=$(cd "$(dirname "$0")" && pwd)
 budget=${BUDGET:-480}
@@ -49,7 +50,7 @@ for v in ${VARIANTS-scanned no_triton_gemm}; do
 done
 run xl2_bf16 130 "" $xl $common --precision bf16 --max_batch_from $xl_batches $short
 run b2_f32 110 "" $b2 $common --batch_size $batch --precision float32 $short
-python - "$out" "${names[@]}" <<'PY'
+python - "$out" ${names[@]+"${names[@]}"} <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 print(f"{'run':24} {'device':22} {'batch':>5} {'img/s':>8} {'ms/step':>8} {'MFU meas':>8} {'MFU nom':>7} "

@@ -174,11 +174,31 @@ def _op_kinds(hlo_text: str) -> dict[str, tuple[str, str, str]]:
 
 def _library_kernel_kind(name: str) -> str:
     """The kind of a GPU kernel that no HLO instruction names (cuBLAS, cuDNN, ...)."""
-    if re.search(r"sdpa|flash|fmha|attn|cudnn", name):
+    if re.search(r"sdpa|flash|fmha|attn", name):
         return "attention"
     if re.search(r"gemm|nvjet|xmma|cutlass|gemv", name):
         return "matmul"
+    if re.search(r"conv(?!ert)", name):
+        return "convolution"
+    if re.search(r"cudnn", name):  # cuDNN's helpers of its fused attention (the only cuDNN call rfdit makes)
+        return "attention"
     return "other"
+
+
+def _device_op_name(event_name: str, ops: dict, kernel_names: dict[str, str]) -> str:
+    """The HLO instruction a GPU kernel event belongs to, else the library kernel's name up to its
+    argument list. XLA names a fusion's kernel after the instruction with '.' and '-' as '_'."""
+    first = event_name.lstrip("%").split(" ")[0]
+    if first in ops:
+        return first
+    return kernel_names.get(first) or event_name.split("(")[0]
+
+
+def _device_lines(lines: list) -> list:
+    """The timeline lines of a device plane to count: "XLA Ops" where the trace has it (one event per
+    HLO op), else the streams' kernels; never derived lines (modules, steps), which would count twice."""
+    ops_lines = [line for line in lines if line.name == "XLA Ops"]
+    return ops_lines or [line for line in lines if line.name.startswith("Stream")]
 
 
 def profile_ops(call, hlo_text: str, calls: int, trace_dir: str) -> list[OpTime]:
@@ -207,14 +227,13 @@ def profile_ops(call, hlo_text: str, calls: int, trace_dir: str) -> list[OpTime]
     count: dict[str, int] = {}
     for plane in ProfileData.from_file(str(traces[-1])).planes:
         on_device = plane.name.startswith("/device:")
-        lines = list(plane.lines)
-        if on_device and any(line.name == "XLA Ops" for line in lines):
-            lines = [line for line in lines if line.name == "XLA Ops"]  # else the streams' kernels
+        lines = _device_lines(list(plane.lines)) if on_device else plane.lines
         for line in lines:
             for event in line.events:
-                name = event.name.lstrip("%").split(" ")[0]
-                if on_device:  # a fusion's kernel, or a library's (its name up to the argument list)
-                    name = kernel_names.get(name) or (name if name in ops else event.name.split("(")[0])
+                if on_device:
+                    name = _device_op_name(event.name, ops, kernel_names)
+                else:
+                    name = event.name.lstrip("%").split(" ")[0]
                 if name in ops or on_device:  # library kernels (cuBLAS, cuDNN) are kept by their own names
                     total[name] = total.get(name, 0.0) + event.duration_ns / 1e6
                     count[name] = count.get(name, 0) + 1

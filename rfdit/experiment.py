@@ -35,7 +35,7 @@ from .distributed import global_batch, initialize, local_copy, make_mesh, shard_
 from .flow import interpolate
 from .nn.dit import DiT, resolve_remat, resolve_scan_unroll
 from .sampling import model_velocity, sample
-from .train import TrainState, TrainStep, make_optimizer
+from .train import TrainState, TrainStep, make_optimizer, resolve_grad_accum
 
 DatasetName = Literal[
     "digits", "cifar10", "cifar100", "tiny-imagenet", "imagefolder", "imagenet256", "imagenet128", "celebahq256",
@@ -214,7 +214,7 @@ class RunConfig:
     fsdp: int
     remat: str
     scan_unroll: int
-    grad_accum: int | None
+    grad_accum: int
     debug_overfit: bool
     dequantize: bool
     use_stable_vae: bool
@@ -301,8 +301,8 @@ def resolve(args: TrainArgs) -> RunConfig:
         data_channels=defaults.channels, batch_size=args.batch_size or defaults.batch_size, max_steps=max_steps,
         seed=args.seed, steps_per_call=k, keep_checkpoints=args.keep_checkpoints, num_samples=args.num_samples,
         precision=args.precision, fsdp=args.fsdp, remat=resolve_remat(args.remat),
-        scan_unroll=resolve_scan_unroll(args.scan_unroll, model.depth),
-        grad_accum=args.grad_accum,
+        scan_unroll=resolve_scan_unroll(args.scan_unroll, model.depth, sharded_params=args.fsdp > 1),
+        grad_accum=resolve_grad_accum(args.grad_accum, model, args.batch_size or defaults.batch_size),
         debug_overfit=bool(args.debug_overfit), use_stable_vae=use_vae,
         dequantize=bool(args.dequantize), vae_path=vae_path,
         fid_stats=args.fid_stats, model=model, flow=flow, optim=optim, sampler=sampler,

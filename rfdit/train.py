@@ -63,15 +63,16 @@ def _global_norm(tree) -> Float[Array, ""]:
 CPU_MICRO_BATCH_BYTES = 4 * 2**20
 
 
-def resolve_grad_accum(grad_accum: int | None, model: eqx.Module, batch_size: int) -> int:
+def resolve_grad_accum(grad_accum: int | None, model, batch_size: int) -> int:
     """Micro-batches per step: `grad_accum` when given; for None, 1 except on a single CPU device,
     where a DiT's batch is split so that its widest float32 activation (MLP hidden or qkv) per
-    micro-batch stays within CPU_MICRO_BATCH_BYTES, with at least 8 examples per micro-batch."""
+    micro-batch stays within CPU_MICRO_BATCH_BYTES, with at least 8 examples per micro-batch.
+    `model` is a DiT or its DiTConfig."""
     if grad_accum is not None:
         if grad_accum < 1:
             raise ValueError(f"grad_accum (={grad_accum}) must be >= 1.")
         return grad_accum
-    cfg = getattr(model, "config", None)
+    cfg = getattr(model, "config", model)
     if cfg is None or not hasattr(cfg, "mlp_width") or jax.default_backend() != "cpu" or jax.device_count() > 1:
         return 1
     tokens = (cfg.image_size // cfg.patch_size) ** 2
@@ -116,8 +117,7 @@ class TrainStep:
         (a test hook)."""
         if steps_per_call < 1:
             raise ValueError(f"steps_per_call (={steps_per_call}) must be >= 1.")
-        if grad_accum is not None and grad_accum < 1:
-            raise ValueError(f"grad_accum (={grad_accum}) must be >= 1.")
+        resolve_grad_accum(grad_accum, None, 1)  # a bad value fails here, not at the first call
         self.optimizer, self.flow, self.optim = optimizer, flow, optim
         self.num_classes, self.steps_per_call, self.grad_accum = num_classes, steps_per_call, grad_accum
         self._static = None
@@ -136,7 +136,7 @@ class TrainStep:
             return loss_given_draws(eqx.combine(params, model_static), x1, draws, self.flow)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        n = resolve_grad_accum(self.grad_accum, state.model, images.shape[0])
+        n = self.micro_batches(state.model, images.shape[0])
         if n == 1:
             (loss, aux), grads = grad_fn(params, images, draws)
         else:
@@ -175,6 +175,10 @@ class TrainStep:
             "v_pred_abs_mean": aux["v_pred_abs_mean"],
         }
         return new_state, metrics
+
+    def micro_batches(self, model, batch_size: int) -> int:
+        """How many micro-batches this step splits a batch of `batch_size` into (`resolve_grad_accum`)."""
+        return resolve_grad_accum(self.grad_accum, model, batch_size)
 
     def _arrays_step(self, arrays, images, labels):
         state = eqx.combine(arrays, self._static)

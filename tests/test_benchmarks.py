@@ -4,8 +4,9 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import pytest
+from typing import NamedTuple
 
-from rfdit.benchmarking import _library_kernel_kind, profile_ops, summarise_ops
+from rfdit.benchmarking import _device_lines, _device_op_name, _library_kernel_kind, profile_ops, summarise_ops
 
 from helpers import load_script
 
@@ -29,7 +30,27 @@ def test_library_kernels_of_a_gpu_trace_get_their_kind():
     assert _library_kernel_kind("sm90_xmma_gemm_f32f32_tf32f32_f32_nt_n_tilesize128x128x32") == "matmul"
     assert _library_kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16") == "attention"
     assert _library_kernel_kind("void cudnn::fusion::compute_dot_do_o_specialized<true, 64>") == "attention"
-    assert _library_kernel_kind("loop_add_fusion_27") == "other"
+    assert _library_kernel_kind("loop_add_fusion_27") == _library_kernel_kind("loop_convert_fusion_2") == "other"
+    assert _library_kernel_kind("cudnn_infer_conv2d_fprop") == "convolution"
+
+
+def test_gpu_kernel_events_map_to_their_hlo_instructions():
+    ops = {"loop_add_fusion.27": ("elementwise", "", ""), "input_reduce-fusion.3": ("reduce", "", ""),
+           "custom-call.5": ("matmul", "", "")}
+    kernel_names = {"loop_add_fusion_27": "loop_add_fusion.27", "input_reduce_fusion_3": "input_reduce-fusion.3",
+                    "custom_call_5": "custom-call.5"}
+    assert _device_op_name("loop_add_fusion_27", ops, kernel_names) == "loop_add_fusion.27"
+    assert _device_op_name("input_reduce_fusion_3", ops, kernel_names) == "input_reduce-fusion.3"
+    assert _device_op_name("%custom-call.5 = ...", ops, kernel_names) == "custom-call.5"  # an "XLA Ops" event
+    kernel = "void cudnn::fusion::compute_dot_do_o_specialized<true, 64>(void const*, void*, unsigned int)"
+    assert _device_op_name(kernel, ops, kernel_names) == "void cudnn::fusion::compute_dot_do_o_specialized<true, 64>"
+
+    class Line(NamedTuple):
+        name: str
+
+    streams = [Line("Stream #14(Memset,Compute)"), Line("XLA Modules"), Line("Steps"), Line("Stream #15(Compute)")]
+    assert [line.name for line in _device_lines(streams)] == ["Stream #14(Memset,Compute)", "Stream #15(Compute)"]
+    assert [line.name for line in _device_lines([*streams, Line("XLA Ops")])] == ["XLA Ops"]
 
 
 def test_bench_vs_original_missing_checkout_says_what_to_pass(tmp_path):

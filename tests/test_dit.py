@@ -196,13 +196,28 @@ def test_dit_bf16_backward_products_stay_bf16(getkey):
     assert all(dtypes == ("bfloat16", "bfloat16") for dtypes in linear), linear
 
 
+def test_bf16_linear_sums_its_bias_gradient_in_float32(getkey):
+    from rfdit.nn.dit import Linear
+
+    layer = Linear(0.1 * jr.normal(getkey(), (16, 32)), jnp.zeros((16,)), "bfloat16")
+    x = jr.normal(getkey(), (256, 256, 32))
+    weights = jr.normal(getkey(), (256, 256, 16))
+    grad = jax.grad(lambda b: jnp.sum(eqx.tree_at(lambda l: l.bias, layer, b)(x) * weights))(layer.bias)
+    # the cotangent reaching the bf16 output is `weights` rounded to bf16; its sum over 65,536 tokens in
+    # float64 is the exact bias gradient. A bf16 accumulation is off by ~1e-2, a float32 one by ~1e-6.
+    exact = np.asarray(weights.astype(jnp.bfloat16), np.float64).sum(axis=(0, 1))
+    np.testing.assert_allclose(np.asarray(grad, np.float64), exact, rtol=1e-4, atol=1e-3)
+
+
 def test_dit_scan_unroll_default_and_equivalence(getkey):
     assert resolve_scan_unroll(None, 12) == (1 if jax.default_backend() == "cpu" else 12)
+    assert resolve_scan_unroll(None, 12, sharded_params=True) == 1  # FSDP: one block's weights gathered at a time
     assert resolve_scan_unroll(4, 12) == 4 and resolve_scan_unroll(40, 12) == 12
     with pytest.raises(ValueError, match="scan_unroll"):
         resolve_scan_unroll(0, 12)
     model = perturbed(small_model(getkey()), getkey())
     x, t, y = jr.normal(getkey(), (8, 8, 3)), jnp.asarray(0.3), jnp.asarray(2)
+    assert model.scan_unroll == resolve_scan_unroll(None, model.config.depth)  # DiT's default goes through it
     unrolled = with_compute_dtype(model, "float32", scan_unroll=model.config.depth)
     assert unrolled.scan_unroll == model.config.depth
     # the same blocks in the same order; XLA may fuse the unrolled ones differently: float32 rounding only

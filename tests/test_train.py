@@ -105,10 +105,12 @@ def test_cpu_micro_batches_by_default_give_the_same_update():
     single_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
     # 64 examples x 64 tokens x 1024 MLP features x 4 bytes = 16 MiB: four micro-batches of 4 MiB
     assert resolve_grad_accum(None, hidden256, 64) == (4 if single_cpu else 1)
+    assert resolve_grad_accum(None, hidden256.config, 64) == (4 if single_cpu else 1)
     assert resolve_grad_accum(None, debug, 128) == 1  # 1.5 MiB: left whole
     assert resolve_grad_accum(3, debug, 128) == 3
     with pytest.raises(ValueError, match="grad_accum"):
-        resolve_grad_accum(0, debug, 128)
+        rfdit.TrainStep(rfdit.make_optimizer(rfdit.OptimConfig()), rfdit.FlowConfig(), rfdit.OptimConfig(),
+                        num_classes=10, grad_accum=0)
 
     # 512 examples x 16 tokens x 192 (qkv) x 4 bytes = 6 MiB: two micro-batches by default
     cfg = rfdit.DiTConfig(image_size=8, in_channels=1, patch_size=2, hidden_size=64, depth=2, num_heads=4,
@@ -116,16 +118,20 @@ def test_cpu_micro_batches_by_default_give_the_same_update():
     optim = rfdit.OptimConfig(lr=1e-3)
     optimizer = rfdit.make_optimizer(optim)
     model = rfdit.DiT(cfg, key=jr.key(3))
-    assert resolve_grad_accum(None, model, 512) == (2 if single_cpu else 1)
     data = load_digits_split()
     images, labels = jnp.asarray(data["train_images"][:512]), jnp.asarray(data["train_labels"][:512])
-    after = {}
+    after, metrics = {}, {}
     for grad_accum in (None, 1):
         fresh = jax.tree_util.tree_map(lambda x: jnp.copy(x) if eqx.is_array(x) else x, model)  # the step donates
         state = rfdit.TrainState.create(fresh, optimizer, key=jr.key(4))
         step = rfdit.TrainStep(optimizer, rfdit.FlowConfig(), optim, num_classes=10, grad_accum=grad_accum)
-        state, _ = step(state, images, labels)
+        split = "tensor<2x256x8x8x1xf32>" in step.lower(state, images, labels).as_text()  # the batch in halves
+        assert split == (grad_accum is None and single_cpu)
+        state, metrics[grad_accum] = step(state, images, labels)
         after[grad_accum] = jnp.concatenate([x.ravel() for x in jax.tree_util.tree_leaves(eqx.filter(state.model, eqx.is_array))])
-    # the same draws and gradients, summed in two halves: float32 rounding only
+    # the same draws and gradients, summed in two halves: float32 rounding only. The loss and the
+    # gradient's norm catch a wrong scale, which Adam's first (sign-like) update would hide.
+    for name in ("loss", "grad_norm", "v_pred_abs_mean"):
+        np.testing.assert_allclose(metrics[None][name], metrics[1][name], rtol=1e-5)
     rel = jnp.linalg.norm(after[None] - after[1]) / jnp.linalg.norm(after[1])
     assert rel < 1e-5, rel

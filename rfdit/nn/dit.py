@@ -71,11 +71,18 @@ def _add_bias(y: Float[Array, "... d"], bias: Float[Array, " d"]) -> Float[Array
     return y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)
 
 
+def _add_bias_exact_grad(y: Float[Array, "... d"], bias: Float[Array, " d"]) -> Float[Array, "... d"]:
+    """y + bias in y's dtype, with the bias gradient summed in the bias's dtype (float32): the bias is
+    broadcast before it is cast, so the backward pass casts the cotangent up and then reduces over
+    the batch and tokens (a bf16 sum of 65k terms loses ~1% of the result)."""
+    return y + jnp.broadcast_to(bias, y.shape).astype(y.dtype)
+
+
 def resolve_remat(remat: bool | str | None) -> str:
     """A `remat` setting as one of REMAT_POLICIES' names: True and False mean "full" and "none";
     None is "dots" on CPUs, where recomputing the cheap activations beat storing them (BENCHMARKS.md:
     the core configs and the digits run, 7-30% faster per step), and "none" on accelerators, where
-    "dots" ran slower (DiT-B/2 on an H100: 8%)."""
+    "dots" ran 8% slower (DiT-B/2 on an H100, measured before bf16 products were written in bf16)."""
     if remat is None:
         return "dots" if jax.default_backend() == "cpu" else "none"
     if isinstance(remat, bool):
@@ -85,12 +92,14 @@ def resolve_remat(remat: bool | str | None) -> str:
     return remat
 
 
-def resolve_scan_unroll(scan_unroll: int | None, depth: int) -> int:
+def resolve_scan_unroll(scan_unroll: int | None, depth: int, *, sharded_params: bool = False) -> int:
     """Blocks unrolled per scan iteration: None is 1 on CPUs, where unrolled blocks ran slower (XLA
-    fuses the residual gradients into strided transposes; BENCHMARKS.md), and the full depth on
-    accelerators, where it ran DiT-B/2 20-30% faster (H100, H200) for a longer compile."""
+    fuses the residual gradients into strided transposes; BENCHMARKS.md), and with sharded
+    parameters (FSDP), where a scan gathers one block's weights at a time; elsewhere the full depth,
+    which trained DiT-B/2 1.6x faster on an H100 (169 -> 106 ms) and 18% faster on an H200, for a
+    compile of 30-40 s instead of 10."""
     if scan_unroll is None:
-        return 1 if jax.default_backend() == "cpu" else depth
+        return 1 if jax.default_backend() == "cpu" or sharded_params else depth
     if scan_unroll < 1:
         raise ValueError(f"scan_unroll (={scan_unroll}) must be >= 1.")
     return min(scan_unroll, depth)
@@ -104,16 +113,16 @@ class Linear(eqx.Module):
     dtype: str = eqx.field(static=True, default="float32")
 
     def __call__(self, x: Float[Array, "... in"], *, compute_dtype_out: bool = False) -> Float[Array, "... out"]:
-        """The product accumulates in float32 and is written in the compute dtype, bias included (as
-        PyTorch's autocast does). `compute_dtype_out` keeps the result in the compute dtype (halving the
-        memory traffic of wide activations under bf16); otherwise it comes back in the input's dtype.
+        """The product accumulates in float32 and is written in the compute dtype, as under PyTorch's
+        autocast. `compute_dtype_out` keeps the result in the compute dtype (halving the memory traffic
+        of wide activations under bf16); otherwise it comes back in the input's dtype.
 
         A float32 output under bf16 would make the backward pass's products float32 too (the cotangent
         is float32): on an H100 that ran them as TF32 at half the bf16 rate, 207 ms per DiT-B/2 step
         against 106 ms (BENCHMARKS.md)."""
         dtype = jnp.dtype(self.dtype)
         y = jnp.matmul(x.astype(dtype), self.weight.T.astype(dtype), preferred_element_type=dtype)
-        return _add_bias(y, self.bias.astype(dtype)).astype(dtype if compute_dtype_out else x.dtype)
+        return _add_bias_exact_grad(y, self.bias).astype(dtype if compute_dtype_out else x.dtype)
 
 
 def _xavier(key: PRNGKeyArray, out_features: int, in_features: int, dtype: str) -> Linear:
@@ -236,7 +245,7 @@ class PatchEmbed(eqx.Module):
         dtype = jnp.dtype(self.dtype)
         w = self.weight.reshape(self.weight.shape[0], -1).astype(dtype)
         y = jnp.matmul(patches.astype(dtype), w.T, preferred_element_type=dtype)  # see Linear
-        return _add_bias(y, self.bias.astype(dtype)).astype(x.dtype)
+        return _add_bias_exact_grad(y, self.bias).astype(x.dtype)
 
 
 class DiT(eqx.Module):

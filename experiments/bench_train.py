@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     result.update({
         "device": f"{device.device_kind} x{jax.device_count()}",
         "config": {**cfg.to_dict(), "batch_size": batch_size, "steps_per_call": k, "precision": args.precision,
-                   "fsdp": args.fsdp, "grad_accum": step.micro_batches(model, batch_size), "remat": model.remat, "scan_unroll": model.scan_unroll},
+                   "fsdp": args.fsdp, "grad_accum": step.micro_batches(model, batch_size), "remat": model.remat,
+                   "scan_unroll": model.scan_unroll},
         "matmul_precision": matmul_precision,
         "params": cfg.num_params(),
         "gflops_per_img": flops_per_img / 1e9,

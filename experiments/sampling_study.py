@@ -3,8 +3,8 @@
     python experiments/sampling_study.py --load_dir runs/digits-default --out runs/sampling-study/main
         # every solver, steps 1..500, tolerances 1e-2..1e-5, 500 digits, the original's Euler table and
         # batch vs per-sample stepping: 21 minutes on a 2-core CPU
-    python experiments/sampling_study.py --load_dir runs/digits-default --out runs/sampling-study/guidance \
-        --solvers euler heun --steps 4 8 16 32 --tolerances --cfg_scales 1 2 3 --time_shifts 1 3 \
+    python experiments/sampling_study.py --load_dir runs/digits-default --out runs/sampling-study/guidance \\
+        --solvers euler heun --steps 4 8 16 32 --tolerances --cfg_scales 1 2 3 --time_shifts 1 3 \\
         --guidance_interval 0.3 1 --table_steps --stepping_solvers --reference_tol 1e-5
         # the guidance interval's effect and a shifted time grid: 18 minutes
 

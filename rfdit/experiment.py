@@ -177,8 +177,8 @@ class TrainArgs:
     memory, faster on CPUs); or only its input (least memory, ~1/3 more compute). Default: "dots" on
     CPUs, "none" elsewhere"""
     scan_unroll: int | None = None
-    """blocks unrolled per scan iteration. Default: 1 on CPUs, the model's depth elsewhere (faster on
-    GPUs, slower to compile)"""
+    """blocks unrolled per scan iteration. Default: 1 on CPUs or with --fsdp, the model's depth elsewhere
+    (faster on GPUs, slower to compile)"""
     grad_accum: int | None = None
     """split each batch into this many micro-batches (the same update as the full batch). Default: 1,
     except on one CPU device, where large activations are split to fit the caches"""

@@ -1,10 +1,11 @@
 """The benchmarks' helpers and input checks (the timings themselves are benchmarks, not tests)."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import pytest
-from typing import NamedTuple
 
 from rfdit.benchmarking import _device_lines, _device_op_name, _library_kernel_kind, profile_ops, summarise_ops
 

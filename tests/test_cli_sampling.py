@@ -25,6 +25,7 @@ from helpers import load_script
 
 NUM_FID_IMAGES = "4"  # Inception images per FID test: enough for a covariance, cheap on a CPU
 
+
 @pytest.fixture(scope="module")
 def digits_run(tiny_digits_run):
     return tiny_digits_run[0]

@@ -166,7 +166,7 @@ def test_dit_bf16_compute_close_to_f32(getkey):
     assert 0 < rel < 2e-2  # bf16 operands carry 8 mantissa bits: ~1e-3..1e-2 relative error
 
 
-def _dot_dtypes(jaxpr) -> list[tuple[tuple[int, ...], ...]]:
+def _dot_dtypes(jaxpr) -> list[tuple[tuple[int, ...], tuple[str, ...]]]:
     """(operand ranks, operand dtypes) of every dot_general in a jaxpr, inner jaxprs (scan, remat) included."""
     found = []
     for eqn in jaxpr.eqns:

@@ -128,7 +128,8 @@ def test_cpu_micro_batches_by_default_give_the_same_update():
         split = "tensor<2x256x8x8x1xf32>" in step.lower(state, images, labels).as_text()  # the batch in halves
         assert split == (grad_accum is None and single_cpu)
         state, metrics[grad_accum] = step(state, images, labels)
-        after[grad_accum] = jnp.concatenate([x.ravel() for x in jax.tree_util.tree_leaves(eqx.filter(state.model, eqx.is_array))])
+        leaves = jax.tree_util.tree_leaves(eqx.filter(state.model, eqx.is_array))
+        after[grad_accum] = jnp.concatenate([x.ravel() for x in leaves])
     # the same draws and gradients, summed in two halves: float32 rounding only. The loss and the
     # gradient's norm catch a wrong scale, which Adam's first (sign-like) update would hide.
     for name in ("loss", "grad_norm", "v_pred_abs_mean"):

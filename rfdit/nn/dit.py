@@ -68,10 +68,6 @@ def _modulate(x: Float[Array, "n d"], shift: Float[Array, " d"], scale: Float[Ar
 
 
 def _add_bias(y: Float[Array, "... d"], bias: Float[Array, " d"]) -> Float[Array, "... d"]:
-    return y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)
-
-
-def _add_bias_exact_grad(y: Float[Array, "... d"], bias: Float[Array, " d"]) -> Float[Array, "... d"]:
     """y + bias in y's dtype, with the bias gradient summed in the bias's dtype (float32): the bias is
     broadcast before it is cast, so the backward pass casts the cotangent up and then reduces over
     the batch and tokens (a bf16 sum of 65k terms loses ~1% of the result)."""
@@ -122,7 +118,7 @@ class Linear(eqx.Module):
         against 106 ms (BENCHMARKS.md)."""
         dtype = jnp.dtype(self.dtype)
         y = jnp.matmul(x.astype(dtype), self.weight.T.astype(dtype), preferred_element_type=dtype)
-        return _add_bias_exact_grad(y, self.bias).astype(dtype if compute_dtype_out else x.dtype)
+        return _add_bias(y, self.bias).astype(dtype if compute_dtype_out else x.dtype)
 
 
 def _xavier(key: PRNGKeyArray, out_features: int, in_features: int, dtype: str) -> Linear:
@@ -245,7 +241,7 @@ class PatchEmbed(eqx.Module):
         dtype = jnp.dtype(self.dtype)
         w = self.weight.reshape(self.weight.shape[0], -1).astype(dtype)
         y = jnp.matmul(patches.astype(dtype), w.T, preferred_element_type=dtype)  # see Linear
-        return _add_bias_exact_grad(y, self.bias).astype(x.dtype)
+        return _add_bias(y, self.bias).astype(x.dtype)
 
 
 class DiT(eqx.Module):

@@ -38,14 +38,7 @@ import optax
 import tyro
 
 import rfdit
-from rfdit.benchmarking import matmul_peak_tflops, time_calls
-
-CONFIGS = {
-    "debug": dict(hidden_size=64, depth=2, num_heads=2, patch_size=2, mlp_ratio=1.0, image_size=8, in_channels=1,
-                  num_classes=10, batch_size=128),
-    "hidden256": dict(hidden_size=256, depth=4, num_heads=4, patch_size=2, mlp_ratio=4.0, image_size=16,
-                      in_channels=3, num_classes=10, batch_size=64),
-}
+from rfdit.benchmarking import CORE_CONFIGS, matmul_peak_tflops, time_calls
 
 
 @dataclasses.dataclass
@@ -129,7 +122,7 @@ def original_step(dit_cls, cfg: dict[str, Any], seed: int):
 def main(argv: list[str] | None = None) -> dict:
     args = tyro.cli(Args, args=argv, use_underscores=True)
     dit_cls = import_original(args.original_dir)
-    spec = dict(CONFIGS[args.config])
+    spec = dict(CORE_CONFIGS[args.config])
     batch_size = spec.pop("batch_size")
     cfg = rfdit.DiTConfig(**spec)
     steps = args.steps or (40 if args.config == "debug" else 3)

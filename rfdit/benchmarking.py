@@ -27,6 +27,15 @@ NOMINAL_PEAK_TFLOPS = {
 }
 
 
+# The core issue's two CPU benchmark configs (DiTConfig fields plus the batch size).
+CORE_CONFIGS = {
+    "debug": dict(hidden_size=64, depth=2, num_heads=2, patch_size=2, mlp_ratio=1.0, image_size=8, in_channels=1,
+                  num_classes=10, batch_size=128),
+    "hidden256": dict(hidden_size=256, depth=4, num_heads=4, patch_size=2, mlp_ratio=4.0, image_size=16,
+                      in_channels=3, num_classes=10, batch_size=64),
+}
+
+
 def nominal_peak_tflops(device_kind: str, dtype: str, matmul_precision: str) -> float | None:
     """The card's nominal dense peak for this dtype (float32 counts as TF32 unless precision is "highest")."""
     for name, peaks in NOMINAL_PEAK_TFLOPS.items():

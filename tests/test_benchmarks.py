@@ -1,5 +1,6 @@
 """The benchmarks' helpers and input checks (the timings themselves are benchmarks, not tests)."""
 
+import os
 from typing import NamedTuple
 
 import jax
@@ -65,3 +66,26 @@ def test_bench_vs_original_missing_dependency_says_what_to_install(tmp_path):
     (tmp_path / "diffusion_transformer.py").write_text("import rfdit_test_absent_module\n")
     with pytest.raises(SystemExit, match="rfdit_test_absent_module.*pip install flax einops ml_collections"):
         bench.main(["--original_dir", str(tmp_path)])
+
+
+def test_bench_variants_compiles_each_variant_and_reports_it():
+    bench = load_script("bench_variants")
+    variant = "attention=xla,grad_accum=2,xla:xla_cpu_enable_fast_math=true"
+    result = bench.main(["--config", "debug", "--rounds", "2", "--steps", "1", "--variants", variant])
+    rows = {row["variant"]: row for row in result["variants"]}
+    assert list(rows) == ["defaults", variant]
+    assert rows["defaults"]["speedup"] == 1.0
+    assert rows["defaults"]["settings"]["grad_accum"] == 1 and rows[variant]["settings"]["grad_accum"] == 2
+    assert all(row["ms_per_step"] > 0 and row["speedup"] > 0 for row in rows.values())
+    assert "RFDIT_ATTENTION" not in os.environ  # the forced attention is undone after tracing
+    assert bench.parse_variant(variant) == {"attention": "xla", "grad_accum": 2,
+                                            "xla": {"xla_cpu_enable_fast_math": True}}
+
+
+@pytest.mark.parametrize("variant, message", [
+    ("grad_accum", "is not name=value"), ("heads=2", "unknown setting 'heads'"), ("scan_unroll=two", "positive integer"),
+])
+def test_bench_variants_bad_variant_says_what_is_accepted(variant, message):
+    bench = load_script("bench_variants")
+    with pytest.raises(SystemExit, match=message):
+        bench.parse_variant(variant)

@@ -196,6 +196,28 @@ def test_dit_bf16_backward_products_stay_bf16(getkey):
     assert all(dtypes == ("bfloat16", "bfloat16") for dtypes in linear), linear
 
 
+def test_einsum_attention_matches_a_float64_reference_and_jax_attention(getkey, monkeypatch):
+    from rfdit.nn.dit import attention_implementation, einsum_attention
+
+    q, k, v = (jr.normal(getkey(), (16, 2, 8)) for _ in range(3))
+    logits = np.einsum("qhd,khd->hqk", *(np.asarray(a, np.float64) for a in (q, k))) / np.sqrt(8)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    expected = np.einsum("hqk,khd->qhd", weights / weights.sum(-1, keepdims=True), np.asarray(v, np.float64))
+    # float32 products of length 8 and sums of 16 terms: errors of a few ulp of values of order 1
+    np.testing.assert_allclose(einsum_attention(q, k, v), expected, rtol=1e-5, atol=1e-6)
+    grads = [jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v) * v), argnums=(0, 1, 2))(q, k, v)
+             for f in (einsum_attention, jax.nn.dot_product_attention)]
+    for ours, theirs in zip(*grads):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    bf16 = einsum_attention(*(a.astype(jnp.bfloat16) for a in (q, k, v)))
+    assert bf16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(bf16.astype(jnp.float32), expected, atol=0.05)  # bf16 inputs: 3 significant digits
+
+    assert attention_implementation(jnp.float32, 8) == "einsum"  # these tests run on the CPU
+    monkeypatch.setenv("RFDIT_ATTENTION", "xla")
+    assert attention_implementation(jnp.float32, 8) is None
+
+
 def test_bf16_linear_sums_its_bias_gradient_in_float32(getkey):
     from rfdit.nn.dit import Linear
 

@@ -1,0 +1,170 @@
+"""rfdit's training step under several settings, compiled in one process and timed in interleaved
+rounds, so that a noisy machine slows every variant alike.
+
+    python experiments/bench_variants.py --config hidden256 --variants attention=xla grad_accum=1
+    python experiments/bench_variants.py --config debug --variants scan_unroll=2 \\
+        xla:xla_cpu_enable_fast_math=true "attention=xla,remat=none"
+
+The first row is always rfdit's defaults. Each variant is a comma-separated list of settings:
+
+- `attention=einsum|xla|cudnn` (rfdit.nn.dit.attention_implementation; set while tracing),
+- `grad_accum=N`, `scan_unroll=N`, `remat=none|dots|full` (rfdit.TrainStep, rfdit.DiT),
+- `xla:<option>=<value>`: an XLA compile option for this variant's executable alone
+  (`jax.stages.Lowered.compile(compiler_options=...)`), e.g. `xla:xla_cpu_enable_fast_math=true`.
+
+Every round times `--steps` calls of each variant, in a shuffled order. The figures are medians
+over rounds and the speedup is the median of per-round ratios (defaults ms / variant ms: above 1
+means the variant is faster). The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import statistics
+import time
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import tyro
+
+import rfdit
+from rfdit.benchmarking import CORE_CONFIGS
+
+MODEL_SETTINGS = ("scan_unroll", "remat")
+STEP_SETTINGS = ("grad_accum",)
+
+
+@dataclasses.dataclass
+class Args:
+    config: Literal["debug", "hidden256"] = "debug"
+    """the core configs (see experiments/bench_vs_original.py)"""
+    variants: tuple[str, ...] = ()
+    """settings to compare with the defaults, one comma-separated list per variant"""
+    rounds: int = 9
+    steps: int | None = None
+    """calls timed per variant per round (default: 20 for debug, 2 for hidden256)"""
+    seed: int = 0
+
+
+def parse_variant(text: str) -> dict[str, Any]:
+    """`"attention=xla,grad_accum=2,xla:xla_cpu_enable_fast_math=true"` as
+    {"attention": "xla", "grad_accum": 2, "xla": {"xla_cpu_enable_fast_math": True}}."""
+    variant: dict[str, Any] = {"xla": {}}
+    for item in filter(None, text.split(",")):
+        name, sep, value = item.partition("=")
+        if not sep or not value:
+            raise SystemExit(f"variant {text!r}: {item!r} is not name=value.")
+        if name.startswith("xla:"):
+            parsed: Any = {"true": True, "false": False}.get(value.lower(), value)
+            if isinstance(parsed, str) and parsed.lstrip("-").isdigit():
+                parsed = int(parsed)
+            variant["xla"][name.removeprefix("xla:")] = parsed
+        elif name in STEP_SETTINGS + ("scan_unroll",):
+            if not value.isdigit():
+                raise SystemExit(f"variant {text!r}: {name} must be a positive integer, got {value!r}.")
+            variant[name] = int(value)
+        elif name in ("remat", "attention"):
+            variant[name] = value
+        else:
+            raise SystemExit(f"variant {text!r}: unknown setting {name!r}; use attention, grad_accum, "
+                             "scan_unroll, remat or xla:<option>.")
+    return variant
+
+
+@contextlib.contextmanager
+def attention_forced(implementation: str | None):
+    """RFDIT_ATTENTION set while a variant is traced (rfdit reads it at trace time)."""
+    before = os.environ.get("RFDIT_ATTENTION")
+    if implementation is not None:
+        os.environ["RFDIT_ATTENTION"] = implementation
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RFDIT_ATTENTION", None)
+        else:
+            os.environ["RFDIT_ATTENTION"] = before
+
+
+def compiled_variant(variant: dict[str, Any], cfg: rfdit.DiTConfig, images, labels, seed: int):
+    """A no-argument call that runs one step of this variant's own compiled executable."""
+    model = rfdit.DiT(cfg, key=jr.key(seed), **{k: variant[k] for k in MODEL_SETTINGS if k in variant})
+    optim = rfdit.OptimConfig()
+    optimizer = rfdit.make_optimizer(optim)
+    state = rfdit.TrainState.create(model, optimizer, key=jr.key(seed + 1))
+    step = rfdit.TrainStep(optimizer, rfdit.FlowConfig(), optim, num_classes=cfg.num_classes,
+                           **{k: variant[k] for k in STEP_SETTINGS if k in variant})
+    with attention_forced(variant.get("attention")):
+        try:
+            compiled = step.lower(state, images, labels).compile(compiler_options=variant["xla"] or None)
+        except Exception as err:  # an unknown XLA option or value: say which variant
+            raise SystemExit(f"variant {variant}: compiling failed: {str(err).splitlines()[0]}") from None
+    holder = [eqx.partition(state, eqx.is_array)[0]]
+
+    def call():
+        holder[0], metrics = compiled(holder[0], images, labels)
+        return metrics
+
+    settings = {"scan_unroll": model.scan_unroll, "remat": model.remat,
+                "grad_accum": step.micro_batches(model, images.shape[0])}
+    return call, settings
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = tyro.cli(Args, args=argv, use_underscores=True)
+    names = ["defaults", *args.variants]
+    variants = [parse_variant(""), *(parse_variant(v) for v in args.variants)]
+    spec = dict(CORE_CONFIGS[args.config])
+    batch_size = spec.pop("batch_size")
+    cfg = rfdit.DiTConfig(**spec)
+    steps = args.steps or (20 if args.config == "debug" else 2)
+    device = jax.devices()[0]
+    print(f"device: {device.device_kind} x{jax.device_count()}, config {args.config}, batch {batch_size}")
+    images = jr.normal(jr.key(args.seed), (batch_size, cfg.image_size, cfg.image_size, cfg.in_channels))
+    labels = jnp.arange(batch_size, dtype=jnp.int32) % cfg.num_classes
+
+    calls, settings, compile_s = {}, {}, {}
+    for name, variant in zip(names, variants):
+        start = time.perf_counter()
+        calls[name], settings[name] = compiled_variant(variant, cfg, images, labels, args.seed)
+        jax.block_until_ready(calls[name]())
+        compile_s[name] = round(time.perf_counter() - start, 2)
+        jax.block_until_ready(calls[name]())  # one more warm-up call
+        print(f"{name}: compiled in {compile_s[name]} s, {settings[name]}")
+
+    ms: dict[str, list[float]] = {name: [] for name in names}
+    order = list(names)
+    shuffle = random.Random(args.seed)
+    for r in range(args.rounds):
+        shuffle.shuffle(order)
+        for name in order:
+            start = time.perf_counter()
+            for _ in range(steps):
+                metrics = calls[name]()
+            jax.block_until_ready(metrics)
+            ms[name].append(1e3 * (time.perf_counter() - start) / steps)
+        print(f"round {r + 1}: " + ", ".join(f"{n} {ms[n][-1]:.2f}" for n in names) + " ms/step")
+
+    rows = []
+    for name in names:
+        speedup = statistics.median(d / v for d, v in zip(ms["defaults"], ms[name]))
+        rows.append({"variant": name, "settings": settings[name], "compile_s": compile_s[name],
+                     "ms_per_step": round(statistics.median(ms[name]), 3), "min_ms": round(min(ms[name]), 3),
+                     "speedup": round(speedup, 3)})
+        print(f"{name:50s} {rows[-1]['ms_per_step']:9.2f} ms/step (min {rows[-1]['min_ms']:.2f}), "
+              f"speedup {speedup:.3f}")
+    result = {"device": f"{device.device_kind} x{jax.device_count()}", "config": args.config,
+              "rounds": args.rounds, "steps_per_round": steps, "variants": rows}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

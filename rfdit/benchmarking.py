@@ -27,7 +27,8 @@ NOMINAL_PEAK_TFLOPS = {
 }
 
 
-# The core issue's two CPU benchmark configs (DiTConfig fields plus the batch size).
+# The two small configs of the CPU step benchmarks (DiTConfig fields plus the batch size): the debug
+# preset with patch 2 on 8x8x1, and hidden 256, depth 4 on 16x16x3.
 CORE_CONFIGS = {
     "debug": dict(hidden_size=64, depth=2, num_heads=2, patch_size=2, mlp_ratio=1.0, image_size=8, in_channels=1,
                   num_classes=10, batch_size=128),

@@ -203,6 +203,19 @@ class TrainStep:
             self._static = static
         return self._jitted.lower(arrays, images, labels)
 
+    def compile(self, state: TrainState, images, labels, *, compiler_options: dict | None = None):
+        """The step compiled ahead of time for these inputs' shapes, with XLA `compiler_options` for
+        this executable alone (e.g. `{"xla_cpu_enable_fast_math": True}`). Call it as the step
+        itself, `state, metrics = compiled(state, images, labels)`; it donates the state's buffers."""
+        compiled = self.lower(state, images, labels).compile(compiler_options=compiler_options or None)
+        static = self._static
+
+        def compiled_step(state: TrainState, images, labels) -> tuple[TrainState, dict[str, Array]]:
+            new_arrays, metrics = compiled(eqx.partition(state, eqx.is_array)[0], images, labels)
+            return eqx.combine(new_arrays, static), metrics
+
+        return compiled_step
+
     def __call__(
         self, state: TrainState, images: Float[Array, "..."], labels: Int[Array, "..."]
     ) -> tuple[TrainState, dict[str, Array]]:

@@ -68,24 +68,42 @@ def test_bench_vs_original_missing_dependency_says_what_to_install(tmp_path):
         bench.main(["--original_dir", str(tmp_path)])
 
 
-def test_bench_variants_compiles_each_variant_and_reports_it():
+def test_bench_variants_compiles_each_variant_and_reports_it(monkeypatch):
+    import rfdit.nn.dit as dit
+
     bench = load_script("bench_variants")
+    traced = {"einsum": 0, "xla": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            traced[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(dit, "einsum_attention", counted("einsum", dit.einsum_attention))
+    monkeypatch.setattr(jax.nn, "dot_product_attention", counted("xla", jax.nn.dot_product_attention))
+    monkeypatch.setenv("RFDIT_ATTENTION", "einsum")  # the defaults row ignores the caller's setting
     variant = "attention=xla,grad_accum=2,xla:xla_cpu_enable_fast_math=true"
     result = bench.main(["--config", "debug", "--rounds", "2", "--steps", "1", "--variants", variant])
     rows = {row["variant"]: row for row in result["variants"]}
     assert list(rows) == ["defaults", variant]
-    assert rows["defaults"]["speedup"] == 1.0
     assert rows["defaults"]["settings"]["grad_accum"] == 1 and rows[variant]["settings"]["grad_accum"] == 2
+    assert rows[variant]["settings"]["xla"] == {"xla_cpu_enable_fast_math": True}
+    assert traced["xla"] > 0 and (traced["einsum"] > 0 or jax.default_backend() != "cpu")  # variant, defaults
     assert all(row["ms_per_step"] > 0 and row["speedup"] > 0 for row in rows.values())
-    assert "RFDIT_ATTENTION" not in os.environ  # the forced attention is undone after tracing
-    assert bench.parse_variant(variant) == {"attention": "xla", "grad_accum": 2,
-                                            "xla": {"xla_cpu_enable_fast_math": True}}
+    assert os.environ["RFDIT_ATTENTION"] == "einsum"  # restored after tracing
+    with pytest.raises(SystemExit, match="compiling failed"):
+        bench.main(["--config", "debug", "--rounds", "1", "--steps", "1", "--variants", "xla:no_such_option=1"])
 
 
 @pytest.mark.parametrize("variant, message", [
-    ("grad_accum", "is not name=value"), ("heads=2", "unknown setting 'heads'"), ("scan_unroll=two", "positive integer"),
+    ("grad_accum", "is not name=value"), ("heads=2", "unknown setting 'heads'"),
+    ("scan_unroll=two", "positive integer"), ("grad_accum=0", "positive integer"),
+    ("attention=flash", "must be one of"), ("remat=some", "must be one of"),
 ])
 def test_bench_variants_bad_variant_says_what_is_accepted(variant, message):
     bench = load_script("bench_variants")
     with pytest.raises(SystemExit, match=message):
         bench.parse_variant(variant)
+    with pytest.raises(SystemExit, match="must differ"):
+        bench.main(["--variants", "remat=none", "remat=none"])

@@ -149,15 +149,22 @@ class LayerNorm(eqx.Module):
         return _add_bias(_layer_norm(x, eps=self.eps) * self.weight.reshape((1,) * (x.ndim - 1) + self.weight.shape), self.bias)
 
 
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "einsum")
+
+
 def attention_implementation(dtype, head_dim: int) -> str | None:
     """cuDNN's fused attention on GPUs for bf16/fp16 heads it supports; rfdit's einsum attention on
-    CPUs, which trained the hidden-256 core config 2.5% faster there than `jax.nn.dot_product_attention`
-    (BENCHMARKS.md); XLA's (None) otherwise.
+    CPUs, which trained the hidden-256 core config 2% faster there than `jax.nn.dot_product_attention`
+    and the debug config at the same speed (BENCHMARKS.md); XLA's (None) otherwise.
 
-    `RFDIT_ATTENTION=xla|cudnn|einsum` forces one (for benchmarks).
+    `RFDIT_ATTENTION=xla|cudnn|einsum` forces one (for benchmarks); a forced one that does not
+    apply raises rather than falling back.
     """
     forced = os.environ.get("RFDIT_ATTENTION")
     if forced:
+        if forced not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"RFDIT_ATTENTION (={forced!r}) must be one of {ATTENTION_IMPLEMENTATIONS}, "
+                             "or unset for the backend's default.")
         return None if forced == "xla" else forced
     if jax.default_backend() == "cpu":
         return "einsum"
@@ -167,9 +174,9 @@ def attention_implementation(dtype, head_dim: int) -> str | None:
 
 
 def einsum_attention(q: Float[Array, "n h d"], k: Float[Array, "n h d"], v: Float[Array, "n h d"]) -> Float[Array, "n h d"]:
-    """softmax(q k^T / sqrt(d)) v per head, with float32 logits and softmax, the weights cast to v's dtype."""
-    scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
-    logits = jnp.einsum("qhd,khd->hqk", q * scale, k, preferred_element_type=jnp.float32)
+    """softmax(q k^T / sqrt(d)) v per head: the logits accumulate, are scaled and go through the
+    softmax in float32; the weights are cast to v's dtype for the second product."""
+    logits = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("hqk,khd->qhd", weights, v)
 
@@ -180,12 +187,14 @@ def attention(q: Float[Array, "n h d"], k: Float[Array, "n h d"], v: Float[Array
     if implementation == "einsum":
         return einsum_attention(q, k, v)
     with jax.numpy_dtype_promotion("standard"):  # jax's XLA attention promotes bf16 logits to f32
-        if implementation is not None:
-            try:
-                return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
-            except (ValueError, NotImplementedError, RuntimeError):
-                pass  # an unsupported shape or build: fall back to XLA's attention
-        return jax.nn.dot_product_attention(q, k, v)
+        if implementation is None:
+            return jax.nn.dot_product_attention(q, k, v)
+        if os.environ.get("RFDIT_ATTENTION"):  # forced: an unsupported shape or build raises
+            return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+        try:
+            return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+        except (ValueError, NotImplementedError, RuntimeError):
+            return jax.nn.dot_product_attention(q, k, v)  # an unsupported shape or build: XLA's attention
 
 
 class DiTBlock(eqx.Module):

@@ -77,6 +77,9 @@ class Args:
     """what each block keeps for the backward pass (see rfdit.DiT; default "dots" on CPUs, else "none")"""
     scan_unroll: int | None = None
     """blocks unrolled per scan iteration (default: 1 on CPUs or with --fsdp, the full depth elsewhere)"""
+    attention: Literal["einsum", "xla", "cudnn"] | None = None
+    """attention implementation (see rfdit.nn.dit.resolve_attention; default: cuDNN's for bf16 on GPUs,
+    the einsum on CPUs, else XLA's)"""
     baseline: bool = False
     max_batch_from: tuple[int, ...] = ()
     sample_batch: int = 0
@@ -110,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     key = jr.key(args.seed)
     model_key, state_key, data_key = jr.split(key, 3)
     unroll = resolve_scan_unroll(args.scan_unroll, cfg.depth, sharded_params=args.fsdp > 1)
-    model = rfdit.DiT(cfg, key=model_key, dtype=dtype, remat=args.remat, scan_unroll=unroll)
+    model = rfdit.DiT(cfg, key=model_key, dtype=dtype, remat=args.remat, scan_unroll=unroll,
+                      attention=args.attention)
     optim = rfdit.OptimConfig()
     optimizer = rfdit.make_optimizer(optim)
     mesh = make_mesh(args.fsdp)
@@ -166,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": f"{device.device_kind} x{jax.device_count()}",
         "config": {**cfg.to_dict(), "batch_size": batch_size, "steps_per_call": k, "precision": args.precision,
                    "fsdp": args.fsdp, "grad_accum": step.micro_batches(model, batch_size), "remat": model.remat,
-                   "scan_unroll": model.scan_unroll},
+                   "scan_unroll": model.scan_unroll, "attention": model.attention or "default"},
         "matmul_precision": matmul_precision,
         "params": cfg.num_params(),
         "gflops_per_img": flops_per_img / 1e9,

@@ -7,8 +7,8 @@ rounds, so that a noisy machine slows every variant alike.
 
 The first row is always rfdit's defaults. Each variant is a comma-separated list of settings:
 
-- `attention=einsum|xla|cudnn` (rfdit.nn.dit.attention_implementation; set while tracing),
-- `grad_accum=N`, `scan_unroll=N`, `remat=none|dots|full` (rfdit.TrainStep, rfdit.DiT),
+- `attention=einsum|xla|cudnn`, `scan_unroll=N`, `remat=none|dots|full` (rfdit.DiT),
+- `grad_accum=N` (rfdit.TrainStep),
 - `xla:<option>=<value>`: an XLA compile option for this variant's executable alone
   (`jax.stages.Lowered.compile(compiler_options=...)`), e.g. `xla:xla_cpu_enable_fast_math=true`.
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import random
 import statistics
 import time
@@ -40,7 +39,7 @@ import rfdit
 from rfdit.benchmarking import CORE_CONFIGS, time_calls
 from rfdit.nn.dit import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 
-MODEL_SETTINGS = ("scan_unroll", "remat")
+MODEL_SETTINGS = ("scan_unroll", "remat", "attention")
 STEP_SETTINGS = ("grad_accum",)
 
 
@@ -84,21 +83,6 @@ def parse_variant(text: str) -> dict[str, Any]:
     return variant
 
 
-@contextlib.contextmanager
-def attention_forced(implementation: str | None):
-    """RFDIT_ATTENTION set to `implementation` (or unset, for rfdit's default) while a variant is
-    traced, since rfdit reads it at trace time; the caller's setting is restored afterwards."""
-    before = os.environ.pop("RFDIT_ATTENTION", None)
-    if implementation is not None:
-        os.environ["RFDIT_ATTENTION"] = implementation
-    try:
-        yield
-    finally:
-        os.environ.pop("RFDIT_ATTENTION", None)
-        if before is not None:
-            os.environ["RFDIT_ATTENTION"] = before
-
-
 def compiled_variant(variant: dict[str, Any], cfg: rfdit.DiTConfig, images, labels, seed: int):
     """(a no-argument call that runs one step of this variant's own executable, its resolved
     settings, its compile time in seconds)."""
@@ -109,18 +93,17 @@ def compiled_variant(variant: dict[str, Any], cfg: rfdit.DiTConfig, images, labe
     step = rfdit.TrainStep(optimizer, rfdit.FlowConfig(), optim, num_classes=cfg.num_classes,
                            **{k: variant[k] for k in STEP_SETTINGS if k in variant})
     start = time.perf_counter()
-    with attention_forced(variant.get("attention")):
-        try:
-            compiled = step.compile(holder[0], images, labels, compiler_options=variant["xla"])
-        except Exception as err:  # e.g. an unknown XLA option or value: say which variant
-            raise SystemExit(f"variant {variant}: compiling failed: {str(err).splitlines()[0]}") from None
+    try:
+        compiled = step.compile(holder[0], images, labels, compiler_options=variant["xla"])
+    except Exception as err:  # e.g. an unknown XLA option or value: say which variant
+        raise SystemExit(f"variant {variant}: compiling failed: {str(err).splitlines()[0]}") from None
     compile_s = time.perf_counter() - start
 
     def call():
         holder[0], metrics = compiled(holder[0], images, labels)
         return metrics
 
-    settings = {"attention": variant.get("attention", "default"), "scan_unroll": model.scan_unroll,
+    settings = {"attention": model.attention or "default", "scan_unroll": model.scan_unroll,
                 "remat": model.remat, "grad_accum": step.micro_batches(model, images.shape[0]), "xla": variant["xla"]}
     return call, settings, compile_s
 

@@ -44,7 +44,7 @@ for v in ${VARIANTS-scanned no_triton_gemm}; do
     no_triton_gemm) run b2_bf16_$v 75 "XLA_FLAGS=--xla_gpu_enable_triton_gemm=false" $b2_args $steps ;;
     cublaslt) run b2_bf16_$v 75 "XLA_FLAGS=--xla_gpu_enable_cublaslt=true" $b2_args $steps ;;
     remat_dots) run b2_bf16_$v 75 "" $b2_args $steps --remat dots ;;
-    xla_attention) run b2_bf16_$v 75 "RFDIT_ATTENTION=xla" $b2_args $steps ;;
+    xla_attention) run b2_bf16_$v 75 "" $b2_args $steps --attention xla ;;
     *) echo "unknown variant $v" ;;
   esac
 done

@@ -1,6 +1,5 @@
 """The benchmarks' helpers and input checks (the timings themselves are benchmarks, not tests)."""
 
-import os
 from typing import NamedTuple
 
 import jax
@@ -82,16 +81,15 @@ def test_bench_variants_compiles_each_variant_and_reports_it(monkeypatch):
 
     monkeypatch.setattr(dit, "einsum_attention", counted("einsum", dit.einsum_attention))
     monkeypatch.setattr(jax.nn, "dot_product_attention", counted("xla", jax.nn.dot_product_attention))
-    monkeypatch.setenv("RFDIT_ATTENTION", "einsum")  # the defaults row ignores the caller's setting
     variant = "attention=xla,grad_accum=2,xla:xla_cpu_enable_fast_math=true"
     result = bench.main(["--config", "debug", "--rounds", "2", "--steps", "1", "--variants", variant])
     rows = {row["variant"]: row for row in result["variants"]}
     assert list(rows) == ["defaults", variant]
     assert rows["defaults"]["settings"]["grad_accum"] == 1 and rows[variant]["settings"]["grad_accum"] == 2
     assert rows[variant]["settings"]["xla"] == {"xla_cpu_enable_fast_math": True}
+    assert rows["defaults"]["settings"]["attention"] == "default" and rows[variant]["settings"]["attention"] == "xla"
     assert traced["xla"] > 0 and (traced["einsum"] > 0 or jax.default_backend() != "cpu")  # variant, defaults
     assert all(row["ms_per_step"] > 0 and row["speedup"] > 0 for row in rows.values())
-    assert os.environ["RFDIT_ATTENTION"] == "einsum"  # restored after tracing
     with pytest.raises(SystemExit, match="compiling failed"):
         bench.main(["--config", "debug", "--rounds", "1", "--steps", "1", "--variants", "xla:no_such_option=1"])
 

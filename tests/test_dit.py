@@ -226,17 +226,27 @@ def test_einsum_attention_matches_a_float64_reference_and_jax_attention(getkey):
     assert _relative_error(ours, _attention_float64(q, k, v)) < 3e-3
 
 
-def test_attention_implementation_default_and_forced(monkeypatch):
-    from rfdit.nn.dit import attention_implementation
+def test_dit_attention_setting_chooses_the_implementation(getkey, monkeypatch):
+    import rfdit.nn.dit as dit
 
-    monkeypatch.delenv("RFDIT_ATTENTION", raising=False)
     if jax.default_backend() == "cpu":
-        assert attention_implementation(jnp.float32, 8) == "einsum"
-    monkeypatch.setenv("RFDIT_ATTENTION", "xla")
-    assert attention_implementation(jnp.float32, 8) is None
-    monkeypatch.setenv("RFDIT_ATTENTION", "einsun")
+        assert dit.resolve_attention(None, jnp.float32, 8) == "einsum"
+    assert dit.resolve_attention("xla", jnp.bfloat16, 8) == "xla"
+    model = perturbed(small_model(getkey()), getkey())
     with pytest.raises(ValueError, match="must be one of"):
-        attention_implementation(jnp.float32, 8)
+        rfdit.DiT(model.config, key=getkey(), attention="flash")
+    x, t, y = jr.normal(getkey(), (8, 8, 3)), jnp.asarray(0.3), jnp.asarray(4)
+    xla = with_compute_dtype(model, "float32", attention="xla")
+    assert xla.attention == "xla" and model.attention is None
+    # the same function: float32 roundings in a different order
+    assert _relative_error(xla(x, t, y), with_compute_dtype(model, "float32", attention="einsum")(x, t, y)) < 1e-6
+
+    calls = []
+    monkeypatch.setattr(dit, "einsum_attention", lambda q, k, v: calls.append(1) or jnp.zeros_like(q))
+    xla(x, t, y)
+    assert not calls  # XLA's attention, not the einsum
+    with_compute_dtype(model, "float32", attention="einsum")(x, t, y)
+    assert calls
 
 
 def test_bf16_linear_sums_its_bias_gradient_in_float32(getkey):

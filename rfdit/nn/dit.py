@@ -7,7 +7,6 @@ One example per call: `DiT(cfg, key=...)(x, t, y)` maps x (H, W, C), t () and y 
 from __future__ import annotations
 
 import math
-import os
 
 import equinox as eqx
 import jax
@@ -149,28 +148,26 @@ class LayerNorm(eqx.Module):
         return _add_bias(_layer_norm(x, eps=self.eps) * self.weight.reshape((1,) * (x.ndim - 1) + self.weight.shape), self.bias)
 
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "einsum")
+ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
 
 
-def attention_implementation(dtype, head_dim: int) -> str | None:
-    """cuDNN's fused attention on GPUs for bf16/fp16 heads it supports; rfdit's einsum attention on
-    CPUs, which trained the hidden-256 core config 2% faster there than `jax.nn.dot_product_attention`
-    and the debug config at the same speed (BENCHMARKS.md); XLA's (None) otherwise.
+def resolve_attention(attention: str | None, dtype, head_dim: int) -> str:
+    """An attention implementation: the one given, else the backend's default for these heads.
 
-    `RFDIT_ATTENTION=xla|cudnn|einsum` forces one (for benchmarks); a forced one that does not
-    apply raises rather than falling back.
-    """
-    forced = os.environ.get("RFDIT_ATTENTION")
-    if forced:
-        if forced not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"RFDIT_ATTENTION (={forced!r}) must be one of {ATTENTION_IMPLEMENTATIONS}, "
-                             "or unset for the backend's default.")
-        return None if forced == "xla" else forced
+    None is cuDNN's fused attention on GPUs for bf16/fp16 heads it supports; rfdit's einsum on
+    CPUs, which trained the hidden-256 core config 2% faster there than
+    `jax.nn.dot_product_attention` and the debug config at the same speed (BENCHMARKS.md); XLA's
+    (`jax.nn.dot_product_attention`) otherwise."""
+    if attention is not None:
+        if attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention (={attention!r}) must be one of {ATTENTION_IMPLEMENTATIONS}, "
+                             "or None for the backend's default.")
+        return attention
     if jax.default_backend() == "cpu":
         return "einsum"
-    if jax.default_backend() != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
-        return None
-    return "cudnn" if head_dim % 8 == 0 and head_dim <= 128 else None
+    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn" if head_dim % 8 == 0 and head_dim <= 128 else "xla"
+    return "xla"
 
 
 def einsum_attention(q: Float[Array, "n h d"], k: Float[Array, "n h d"], v: Float[Array, "n h d"]) -> Float[Array, "n h d"]:
@@ -181,20 +178,21 @@ def einsum_attention(q: Float[Array, "n h d"], k: Float[Array, "n h d"], v: Floa
     return jnp.einsum("hqk,khd->qhd", weights, v)
 
 
-def attention(q: Float[Array, "n h d"], k: Float[Array, "n h d"], v: Float[Array, "n h d"]) -> Float[Array, "n h d"]:
-    """Softmax attention over one example's tokens, fused where the backend allows."""
-    implementation = attention_implementation(q.dtype, q.shape[-1])
-    if implementation == "einsum":
+def attention(
+    q: Float[Array, "n h d"], k: Float[Array, "n h d"], v: Float[Array, "n h d"], implementation: str | None = None
+) -> Float[Array, "n h d"]:
+    """Softmax attention over one example's tokens (`resolve_attention`). A default cuDNN attention
+    that does not apply to these shapes or this build falls back to XLA's; one asked for raises."""
+    chosen = resolve_attention(implementation, q.dtype, q.shape[-1])
+    if chosen == "einsum":
         return einsum_attention(q, k, v)
     with jax.numpy_dtype_promotion("standard"):  # jax's XLA attention promotes bf16 logits to f32
-        if implementation is None:
-            return jax.nn.dot_product_attention(q, k, v)
-        if os.environ.get("RFDIT_ATTENTION"):  # forced: an unsupported shape or build raises
-            return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+        if chosen == "xla" or implementation is not None:
+            return jax.nn.dot_product_attention(q, k, v, implementation=chosen)
         try:
-            return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+            return jax.nn.dot_product_attention(q, k, v, implementation=chosen)
         except (ValueError, NotImplementedError, RuntimeError):
-            return jax.nn.dot_product_attention(q, k, v)  # an unsupported shape or build: XLA's attention
+            return jax.nn.dot_product_attention(q, k, v, implementation="xla")
 
 
 class DiTBlock(eqx.Module):
@@ -225,7 +223,9 @@ class DiTBlock(eqx.Module):
             self.q_norm = self.k_norm = None
         self.num_heads = cfg.num_heads
 
-    def __call__(self, x: Float[Array, "n d"], c: Float[Array, " d"]) -> Float[Array, "n d"]:
+    def __call__(
+        self, x: Float[Array, "n d"], c: Float[Array, " d"], *, attention_implementation: str | None = None
+    ) -> Float[Array, "n d"]:
         n, d = x.shape
         # shift/scale/gate for attention, then for the MLP
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(self.modulation(jax.nn.silu(c)), 6)
@@ -236,7 +236,7 @@ class DiTBlock(eqx.Module):
         q, k, v = q[:, 0], k[:, 0], v[:, 0]  # (n, heads, head_dim) each
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q.astype(jnp.float32)).astype(q.dtype), self.k_norm(k.astype(jnp.float32)).astype(k.dtype)
-        attn = attention(q, k, v)  # (n, heads, head_dim)
+        attn = attention(q, k, v, attention_implementation)  # (n, heads, head_dim)
         x = x + gate_a[None] * self.proj(attn.reshape(n, d)).astype(x.dtype)
 
         h = _modulate(_layer_norm(x), shift_m, scale_m)
@@ -280,10 +280,11 @@ class DiT(eqx.Module):
     config: DiTConfig = eqx.field(static=True)
     remat: str = eqx.field(static=True)
     scan_unroll: int = eqx.field(static=True)
+    attention: str | None = eqx.field(static=True)
 
     def __init__(
         self, config: DiTConfig, *, key: PRNGKeyArray, dtype: str = "float32", remat: bool | str | None = None,
-        scan_unroll: int | None = None,
+        scan_unroll: int | None = None, attention: str | None = None,
     ):
         """`dtype` is the matmul compute dtype (parameters are always float32).
 
@@ -295,10 +296,15 @@ class DiT(eqx.Module):
         "dots" on CPUs and "none" elsewhere (`resolve_remat`).
 
         `scan_unroll` unrolls that many blocks per scan iteration; None (the default) is 1 on
-        CPUs and the full depth elsewhere (`resolve_scan_unroll`)."""
+        CPUs and the full depth elsewhere (`resolve_scan_unroll`).
+
+        `attention` is one of ATTENTION_IMPLEMENTATIONS ("einsum", "xla", "cudnn"); None (the
+        default) is the backend's choice when the model runs (`resolve_attention`)."""
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"compute dtype (={dtype!r}) must be 'float32' or 'bfloat16'.")
         remat = resolve_remat(remat)
+        if attention is not None:
+            resolve_attention(attention, dtype, config.hidden_size // config.num_heads)  # a bad name fails here
         cfg = config
         h, p = cfg.hidden_size, cfg.patch_size
         patch_key, t1_key, t2_key, label_key, blocks_key = jr.split(key, 5)
@@ -316,6 +322,7 @@ class DiT(eqx.Module):
         self.config = cfg
         self.remat = remat
         self.scan_unroll = resolve_scan_unroll(scan_unroll, cfg.depth)
+        self.attention = attention
 
     def embed(self, t: Float[Array, ""], y: Int[Array, ""]) -> Float[Array, " d"]:
         """The conditioning vector c = timestep embedding + label embedding."""
@@ -339,7 +346,7 @@ class DiT(eqx.Module):
         block_arrays, block_static = eqx.partition(self.blocks, eqx.is_array)
 
         def run_block(tokens, arrays):
-            return eqx.combine(arrays, block_static)(tokens, c), None
+            return eqx.combine(arrays, block_static)(tokens, c, attention_implementation=self.attention), None
 
         if self.remat != "none":
             run_block = jax.checkpoint(run_block, policy=REMAT_POLICIES[self.remat])
@@ -353,14 +360,16 @@ class DiT(eqx.Module):
 
 
 def with_compute_dtype(
-    model: DiT, dtype: str, remat: bool | str | None = None, scan_unroll: int | None = None
+    model: DiT, dtype: str, remat: bool | str | None = None, scan_unroll: int | None = None,
+    attention: str | None = None,
 ) -> DiT:
     """The same weights, with matmuls computed in `dtype` ("float32" or "bfloat16") and,
-    when given, block rematerialisation and scan unrolling changed."""
+    when given, block rematerialisation, scan unrolling and the attention implementation changed."""
     remat = model.remat if remat is None else remat
     scan_unroll = model.scan_unroll if scan_unroll is None else scan_unroll
+    attention = model.attention if attention is None else attention
     skeleton = eqx.filter_eval_shape(
-        lambda: DiT(model.config, key=jr.key(0), dtype=dtype, remat=remat, scan_unroll=scan_unroll)
+        lambda: DiT(model.config, key=jr.key(0), dtype=dtype, remat=remat, scan_unroll=scan_unroll, attention=attention)
     )
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(skeleton), jax.tree_util.tree_leaves(model))
 

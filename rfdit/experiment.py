@@ -179,6 +179,9 @@ class TrainArgs:
     scan_unroll: int | None = None
     """blocks unrolled per scan iteration. Default: 1 on CPUs or with --fsdp, the model's depth elsewhere
     (faster on GPUs, slower to compile)"""
+    attention: Literal["einsum", "xla", "cudnn"] | None = None
+    """attention implementation. Default: cuDNN's fused kernel for bf16 on GPUs, the einsum on CPUs, XLA's
+    otherwise"""
     grad_accum: int | None = None
     """split each batch into this many micro-batches (the same update as the full batch). Default: 1,
     except on one CPU device, where large activations are split to fit the caches"""
@@ -214,6 +217,7 @@ class RunConfig:
     fsdp: int
     remat: str
     scan_unroll: int
+    attention: str | None
     grad_accum: int
     debug_overfit: bool
     dequantize: bool
@@ -302,6 +306,7 @@ def resolve(args: TrainArgs) -> RunConfig:
         seed=args.seed, steps_per_call=k, keep_checkpoints=args.keep_checkpoints, num_samples=args.num_samples,
         precision=args.precision, fsdp=args.fsdp, remat=resolve_remat(args.remat),
         scan_unroll=resolve_scan_unroll(args.scan_unroll, model.depth, sharded_params=args.fsdp > 1),
+        attention=args.attention,
         grad_accum=resolve_grad_accum(args.grad_accum, model, args.batch_size or defaults.batch_size),
         debug_overfit=bool(args.debug_overfit), use_stable_vae=use_vae,
         dequantize=bool(args.dequantize), vae_path=vae_path,
@@ -529,7 +534,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
     optimizer = make_optimizer(run.optim)
     with jax.numpy_dtype_promotion("standard"):
         model = DiT(run.model, key=model_key, dtype="bfloat16" if run.precision == "bf16" else "float32",
-                    remat=run.remat, scan_unroll=run.scan_unroll)
+                    remat=run.remat, scan_unroll=run.scan_unroll, attention=run.attention)
         state = TrainState.create(model, optimizer, key=state_key)
 
     with Checkpointer(run_dir / "checkpoints", max_to_keep=run.keep_checkpoints) as checkpointer:

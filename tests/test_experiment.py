@@ -80,6 +80,11 @@ def test_dry_run_prints_resolved_config(capsys):
           "--model.use_stable_vae", "0", "--dry_run"])
     config = json.loads(capsys.readouterr().out)
     assert config["model"]["patch_size"] == 8 and config["batch_size"] == 128
+    assert config["attention"] is None  # the backend's default
+    main(["--attention", "xla", "--dry_run"])
+    assert json.loads(capsys.readouterr().out)["attention"] == "xla"
+    with pytest.raises(SystemExit):  # not one of the implementations: the parser says which are
+        main(["--attention", "flash", "--dry_run"])
 
 
 @pytest.fixture(scope="session")

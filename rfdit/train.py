@@ -58,8 +58,9 @@ def _global_norm(tree) -> Float[Array, ""]:
 
 
 # On CPUs a step runs faster when the widest activation of one micro-batch fits in the caches:
-# DiT hidden 256 / depth 4 at batch 64 (a 16 MiB MLP activation) took 7% less time per step in 4
-# micro-batches (BENCHMARKS.md); small models gain nothing and are left whole.
+# DiT hidden 256 / depth 4 at batch 64 (a 16 MiB MLP activation) took 5-7% less time per step in 4
+# micro-batches (BENCHMARKS.md, bench_variants and bench_vs_original); small models gain nothing
+# and are left whole.
 CPU_MICRO_BATCH_BYTES = 4 * 2**20
 
 

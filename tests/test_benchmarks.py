@@ -89,7 +89,8 @@ def test_bench_variants_compiles_each_variant_and_reports_it(monkeypatch):
     assert rows[variant]["settings"]["xla"] == {"xla_cpu_enable_fast_math": True}
     assert rows["defaults"]["settings"]["attention"] == "default" and rows[variant]["settings"]["attention"] == "xla"
     assert traced["xla"] > 0 and (traced["einsum"] > 0 or jax.default_backend() != "cpu")  # variant, defaults
-    assert all(row["ms_per_step"] > 0 and row["speedup"] > 0 for row in rows.values())
+    assert all(row["ms_per_step"] > 0 and row["speedup"] > 0 and row["page_faults_per_step"] >= 0
+               for row in rows.values())
     with pytest.raises(SystemExit, match="compiling failed"):
         bench.main(["--config", "debug", "--rounds", "1", "--steps", "1", "--variants", "xla:no_such_option=1"])
 
@@ -103,5 +104,8 @@ def test_bench_variants_bad_variant_says_what_is_accepted(variant, message):
     bench = load_script("bench_variants")
     with pytest.raises(SystemExit, match=message):
         bench.parse_variant(variant)
+
+
+def test_bench_variants_refuses_a_repeated_variant():
     with pytest.raises(SystemExit, match="must differ"):
-        bench.main(["--variants", "remat=none", "remat=none"])
+        load_script("bench_variants").main(["--variants", "remat=none", "remat=none"])

@@ -95,13 +95,13 @@ def test_optimizer_options():
 def test_cpu_micro_batches_by_default_give_the_same_update():
     from rfdit.train import resolve_grad_accum
 
-    def shape_only(**kw):
-        return eqx.filter_eval_shape(rfdit.DiT, rfdit.DiTConfig(**kw), key=jr.key(0))
+    from rfdit.benchmarking import CORE_CONFIGS
 
-    hidden256 = shape_only(image_size=16, in_channels=3, patch_size=2, hidden_size=256, depth=4, num_heads=4,
-                           mlp_ratio=4.0, num_classes=10)
-    debug = shape_only(image_size=8, in_channels=1, patch_size=2, hidden_size=64, depth=2, num_heads=2,
-                       mlp_ratio=1.0, num_classes=10)
+    def shape_only(name):
+        fields = {k: v for k, v in CORE_CONFIGS[name].items() if k != "batch_size"}
+        return eqx.filter_eval_shape(rfdit.DiT, rfdit.DiTConfig(**fields), key=jr.key(0))
+
+    hidden256, debug = shape_only("hidden256"), shape_only("debug")
     single_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
     # 64 examples x 64 tokens x 1024 MLP features x 4 bytes = 16 MiB: four micro-batches of 4 MiB
     assert resolve_grad_accum(None, hidden256, 64) == (4 if single_cpu else 1)

@@ -80,6 +80,8 @@ class Args:
     attention: Literal["einsum", "xla", "cudnn"] | None = None
     """attention implementation (see rfdit.nn.dit.resolve_attention; default: cuDNN's for bf16 on GPUs,
     the einsum on CPUs, else XLA's)"""
+    residual_dtype: Literal["float32", "bfloat16"] = "float32"
+    """the residual stream's dtype (see rfdit.DiT)"""
     baseline: bool = False
     max_batch_from: tuple[int, ...] = ()
     sample_batch: int = 0
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_key, state_key, data_key = jr.split(key, 3)
     unroll = resolve_scan_unroll(args.scan_unroll, cfg.depth, sharded_params=args.fsdp > 1)
     model = rfdit.DiT(cfg, key=model_key, dtype=dtype, remat=args.remat, scan_unroll=unroll,
-                      attention=args.attention)
+                      attention=args.attention, residual_dtype=args.residual_dtype)
     optim = rfdit.OptimConfig()
     optimizer = rfdit.make_optimizer(optim)
     mesh = make_mesh(args.fsdp)
@@ -170,7 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
         "device": f"{device.device_kind} x{jax.device_count()}",
         "config": {**cfg.to_dict(), "batch_size": batch_size, "steps_per_call": k, "precision": args.precision,
                    "fsdp": args.fsdp, "grad_accum": step.micro_batches(model, batch_size), "remat": model.remat,
-                   "scan_unroll": model.scan_unroll, "attention": model.attention or "default"},
+                   "scan_unroll": model.scan_unroll, "attention": model.attention or "default",
+                   "residual_dtype": model.residual_dtype},
         "matmul_precision": matmul_precision,
         "params": cfg.num_params(),
         "gflops_per_img": flops_per_img / 1e9,

@@ -4,10 +4,13 @@ rounds, so that a noisy machine slows every variant alike.
     python experiments/bench_variants.py --config hidden256 --variants attention=xla grad_accum=1
     python experiments/bench_variants.py --config debug --variants scan_unroll=2 \\
         xla:xla_cpu_enable_fast_math=true "attention=xla,remat=none"
+    python experiments/bench_variants.py --preset B/2 --batch_size 256 --precision bf16 \\
+        --variants residual_dtype=bfloat16 remat=dots                             # a GPU
 
 The first row is always rfdit's defaults. Each variant is a comma-separated list of settings:
 
-- `attention=einsum|xla|cudnn`, `scan_unroll=N`, `remat=none|dots|full` (rfdit.DiT),
+- `attention=einsum|xla|cudnn`, `scan_unroll=N`, `remat=none|dots|full`,
+  `residual_dtype=float32|bfloat16` (rfdit.DiT),
 - `grad_accum=N` (rfdit.TrainStep),
 - `xla:<option>=<value>`: an XLA compile option for this variant's executable alone
   (`jax.stages.Lowered.compile(compiler_options=...)`), e.g. `xla:xla_cpu_enable_fast_math=true`.
@@ -15,9 +18,11 @@ The first row is always rfdit's defaults. Each variant is a comma-separated list
 Every round times `--steps` calls of each variant, in a shuffled order. The ms figures are
 medians over rounds; the speedup is the median of the per-round ratios (defaults ms / variant ms:
 above 1 means the variant is faster), with their range, and the minor page faults per step (the
-temporaries the runtime maps afresh). The last line is one JSON object.
+temporaries the runtime maps afresh); where the card's nominal peak is known (rfdit.benchmarking),
+also the model FLOPs utilisation against it. The last line is one JSON object.
 
-Each variant compiles in 3-9 s on a 2-core CPU; with the default 9 rounds, three variants of
+A variant that does not compile is reported (under "failed" in the JSON) and left out.
+Each variant compiles in 3-9 s on a 2-core CPU (DiT-B/2 in 25-50 s on an H100); with the default 9 rounds, three variants of
 hidden256 take about 2 minutes, of debug under a minute.
 """
 
@@ -38,23 +43,33 @@ import jax.random as jr
 import tyro
 
 import rfdit
-from rfdit.benchmarking import CORE_CONFIGS, time_calls
+from rfdit.benchmarking import CORE_CONFIGS, nominal_peak_tflops, time_calls
 from rfdit.nn.dit import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 
-MODEL_SETTINGS = ("scan_unroll", "remat", "attention")  # rfdit.DiT's
+MODEL_SETTINGS = ("scan_unroll", "remat", "attention", "residual_dtype")  # rfdit.DiT's
 STEP_SETTINGS = ("grad_accum",)  # rfdit.TrainStep's
-CHOICES = {"remat": tuple(REMAT_POLICIES), "attention": ATTENTION_IMPLEMENTATIONS}  # the rest are integers >= 1
+CHOICES = {"remat": tuple(REMAT_POLICIES), "attention": ATTENTION_IMPLEMENTATIONS,
+           "residual_dtype": ("float32", "bfloat16")}  # the rest are integers >= 1
 
 
 @dataclasses.dataclass
 class Args:
     config: Literal["debug", "hidden256"] = "debug"
-    """the core configs (see experiments/bench_vs_original.py)"""
+    """the core configs (see experiments/bench_vs_original.py); --preset replaces it"""
+    preset: str | None = None
+    """a DiTConfig preset (e.g. B/2) on --image_size x --image_size x --channels with --num_classes"""
+    image_size: int = 32
+    channels: int = 4
+    num_classes: int = 1000
+    batch_size: int | None = None
+    """default: the core config's, 256 for a preset"""
+    precision: Literal["float32", "bf16"] = "float32"
+    """the matmul compute dtype; float32 runs with jax_default_matmul_precision "highest" (not TF32)"""
     variants: tuple[str, ...] = ()
     """settings to compare with the defaults, one comma-separated list per variant"""
     rounds: int = 9
     steps: int | None = None
-    """calls timed per variant per round (default: 20 for debug, 2 for hidden256)"""
+    """calls timed per variant per round (default: 20 for debug, 2 for hidden256, 10 for a preset)"""
     seed: int = 0
 
 
@@ -85,28 +100,34 @@ def parse_variant(text: str) -> dict[str, Any]:
     return variant
 
 
-def compiled_variant(variant: dict[str, Any], cfg: rfdit.DiTConfig, images, labels, seed: int):
+class VariantFailed(Exception):
+    """A variant that did not compile: reported, and left out of the timing."""
+
+
+def compiled_variant(variant: dict[str, Any], cfg: rfdit.DiTConfig, dtype: str, images, labels, seed: int):
     """(a no-argument call that runs one step of this variant's own executable, its resolved
     settings, its compile time in seconds)."""
-    model = rfdit.DiT(cfg, key=jr.key(seed), **{k: variant[k] for k in MODEL_SETTINGS if k in variant})
+    model = rfdit.DiT(cfg, key=jr.key(seed), dtype=dtype, **{k: variant[k] for k in MODEL_SETTINGS if k in variant})
     optim = rfdit.OptimConfig()
     optimizer = rfdit.make_optimizer(optim)
-    holder = [rfdit.TrainState.create(model, optimizer, key=jr.key(seed + 1))]
+    with jax.numpy_dtype_promotion("standard"):  # optax's Adam state under bf16 models
+        holder = [rfdit.TrainState.create(model, optimizer, key=jr.key(seed + 1))]
     step = rfdit.TrainStep(optimizer, rfdit.FlowConfig(), optim, num_classes=cfg.num_classes,
                            **{k: variant[k] for k in STEP_SETTINGS if k in variant})
     start = time.perf_counter()
     try:
         compiled = step.compile(holder[0], images, labels, compiler_options=variant["xla"])
-    except Exception as err:  # e.g. an unknown XLA option or value: say which variant
-        raise SystemExit(f"variant {variant}: compiling failed: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # e.g. an unknown XLA option or value: the caller says which variant
+        raise VariantFailed(f"compiling failed: {str(err).splitlines()[0]}") from None
     compile_s = time.perf_counter() - start
 
     def call():
         holder[0], metrics = compiled(holder[0], images, labels)
         return metrics
 
-    settings = {"attention": model.attention or "default", "scan_unroll": model.scan_unroll,
-                "remat": model.remat, "grad_accum": step.micro_batches(model, images.shape[0]), "xla": variant["xla"]}
+    settings = {"attention": model.attention or "default", "scan_unroll": model.scan_unroll, "remat": model.remat,
+                "residual_dtype": model.residual_dtype, "grad_accum": step.micro_batches(model, images.shape[0]),
+                "xla": variant["xla"]}
     return call, settings, compile_s
 
 
@@ -116,21 +137,44 @@ def main(argv: list[str] | None = None) -> dict:
     if len(set(names)) != len(names):
         raise SystemExit(f"--variants must differ from each other and from 'defaults'; got {list(args.variants)}.")
     variants = [parse_variant(""), *(parse_variant(v) for v in args.variants)]
-    spec = dict(CORE_CONFIGS[args.config])
-    batch_size = spec.pop("batch_size")
-    cfg = rfdit.DiTConfig(**spec)
-    steps = args.steps or (20 if args.config == "debug" else 2)
+    if args.preset is not None:
+        config_name = args.preset
+        cfg = rfdit.DiTConfig.preset(args.preset, image_size=args.image_size, in_channels=args.channels,
+                                     num_classes=args.num_classes)
+        batch_size, steps = args.batch_size or 256, args.steps or 10
+    else:
+        config_name = args.config
+        spec = dict(CORE_CONFIGS[args.config])
+        batch_size = args.batch_size or spec.pop("batch_size")
+        spec.pop("batch_size", None)
+        cfg = rfdit.DiTConfig(**spec)
+        steps = args.steps or (20 if args.config == "debug" else 2)
+    dtype = "bfloat16" if args.precision == "bf16" else "float32"
+    matmul_precision = "highest" if dtype == "float32" else "default"
+    jax.config.update("jax_default_matmul_precision", matmul_precision)
     device = jax.devices()[0]
-    print(f"device: {device.device_kind} x{jax.device_count()}, config {args.config}, batch {batch_size}")
+    peak = nominal_peak_tflops(device.device_kind, dtype, matmul_precision)
+    gflop_per_step = 3 * cfg.forward_flops() * batch_size / 1e9
+    print(f"device: {device.device_kind} x{jax.device_count()}, config {config_name}, batch {batch_size}, "
+          f"compute dtype {dtype}, jax_default_matmul_precision {matmul_precision}")
     images = jr.normal(jr.key(args.seed), (batch_size, cfg.image_size, cfg.image_size, cfg.in_channels))
     labels = jnp.arange(batch_size, dtype=jnp.int32) % cfg.num_classes
 
-    calls, settings, compile_s = {}, {}, {}
+    calls, settings, compile_s, failed = {}, {}, {}, {}
     for name, variant in zip(names, variants):
-        calls[name], settings[name], compile_s[name] = compiled_variant(variant, cfg, images, labels, args.seed)
+        try:
+            calls[name], settings[name], compile_s[name] = compiled_variant(variant, cfg, dtype, images, labels,
+                                                                            args.seed)
+        except VariantFailed as err:
+            if name == "defaults":
+                raise SystemExit(f"the defaults: {err}") from None
+            failed[name] = str(err)
+            print(f"{name}: {err}; left out")
+            continue
         for _ in range(2):  # warm-up calls
             jax.block_until_ready(calls[name]())
         print(f"{name}: compiled in {compile_s[name]:.1f} s, {settings[name]}")
+    names = list(calls)
 
     ms: dict[str, list[float]] = {name: [] for name in names}
     faults: dict[str, list[float]] = {name: [] for name in names}  # minor page faults: fresh temporaries
@@ -152,11 +196,15 @@ def main(argv: list[str] | None = None) -> dict:
                      "speedup": round(statistics.median(ratios), 3),
                      "speedup_range": [round(min(ratios), 3), round(max(ratios), 3)],
                      "page_faults_per_step": round(statistics.median(faults[name]))})
+        if peak:
+            rows[-1]["mfu_nominal"] = round(gflop_per_step / rows[-1]["ms_per_step"] / peak, 4)
         print(f"{name:50s} {rows[-1]['ms_per_step']:9.2f} ms/step (min {rows[-1]['min_ms']:.2f}), "
               f"speedup {rows[-1]['speedup']:.3f} ({min(ratios):.3f}-{max(ratios):.3f} over rounds), "
-              f"{rows[-1]['page_faults_per_step']} page faults per step")
-    result = {"device": f"{device.device_kind} x{jax.device_count()}", "config": args.config,
-              "rounds": args.rounds, "steps_per_round": steps, "variants": rows}
+              f"{rows[-1]['page_faults_per_step']} page faults per step"
+              + (f", MFU {rows[-1]['mfu_nominal']:.3f} of {peak} TFLOP/s" if peak else ""))
+    result = {"device": f"{device.device_kind} x{jax.device_count()}", "config": config_name, "batch_size": batch_size,
+              "precision": args.precision, "gflop_per_step": round(gflop_per_step, 3), "rounds": args.rounds,
+              "steps_per_round": steps, "variants": rows, "failed": failed}
     print(json.dumps(result))
     return result
 

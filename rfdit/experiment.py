@@ -182,6 +182,9 @@ class TrainArgs:
     attention: Literal["einsum", "xla", "cudnn"] | None = None
     """attention implementation. Default: cuDNN's fused kernel for bf16 on GPUs, the einsum on CPUs, XLA's
     otherwise"""
+    residual_dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the residual stream between the products (as under PyTorch's autocast: float32). With
+    --precision bf16, bfloat16 trains DiT-B/2 10% faster on an H100 (BENCHMARKS.md)"""
     grad_accum: int | None = None
     """split each batch into this many micro-batches (the same update as the full batch). Default: 1,
     except on one CPU device, where large activations are split to fit the caches"""
@@ -218,6 +221,7 @@ class RunConfig:
     remat: str
     scan_unroll: int
     attention: str | None
+    residual_dtype: str
     grad_accum: int
     debug_overfit: bool
     dequantize: bool
@@ -306,7 +310,7 @@ def resolve(args: TrainArgs) -> RunConfig:
         seed=args.seed, steps_per_call=k, keep_checkpoints=args.keep_checkpoints, num_samples=args.num_samples,
         precision=args.precision, fsdp=args.fsdp, remat=resolve_remat(args.remat),
         scan_unroll=resolve_scan_unroll(args.scan_unroll, model.depth, sharded_params=args.fsdp > 1),
-        attention=args.attention,
+        attention=args.attention, residual_dtype=args.residual_dtype,
         grad_accum=resolve_grad_accum(args.grad_accum, model, args.batch_size or defaults.batch_size),
         debug_overfit=bool(args.debug_overfit), use_stable_vae=use_vae,
         dequantize=bool(args.dequantize), vae_path=vae_path,
@@ -534,7 +538,8 @@ def train(args: TrainArgs) -> dict[str, Any]:
     optimizer = make_optimizer(run.optim)
     with jax.numpy_dtype_promotion("standard"):
         model = DiT(run.model, key=model_key, dtype="bfloat16" if run.precision == "bf16" else "float32",
-                    remat=run.remat, scan_unroll=run.scan_unroll, attention=run.attention)
+                    remat=run.remat, scan_unroll=run.scan_unroll, attention=run.attention,
+                    residual_dtype=run.residual_dtype)
         state = TrainState.create(model, optimizer, key=state_key)
 
     with Checkpointer(run_dir / "checkpoints", max_to_keep=run.keep_checkpoints) as checkpointer:

@@ -81,8 +81,10 @@ def test_dry_run_prints_resolved_config(capsys):
     config = json.loads(capsys.readouterr().out)
     assert config["model"]["patch_size"] == 8 and config["batch_size"] == 128
     assert config["attention"] is None  # the backend's default
-    main(["--attention", "xla", "--dry_run"])
-    assert json.loads(capsys.readouterr().out)["attention"] == "xla"
+    assert config["residual_dtype"] == "float32"  # as under PyTorch's autocast
+    main(["--attention", "xla", "--residual_dtype", "bfloat16", "--dry_run"])
+    config = json.loads(capsys.readouterr().out)
+    assert config["attention"] == "xla" and config["residual_dtype"] == "bfloat16"
     with pytest.raises(SystemExit):  # not one of the implementations: the parser says which are
         main(["--attention", "flash", "--dry_run"])
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ..config import DiTConfig
@@ -62,22 +63,54 @@ def _layer_norm(x: Float[Array, "... d"], eps: float = 1e-6) -> Float[Array, "..
     return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
-def _modulate(x: Float[Array, "n d"], shift: Float[Array, " d"], scale: Float[Array, " d"]) -> Float[Array, "n d"]:
-    return x * (1 + scale[None]) + shift[None]
+def _broadcast_like(v: Float[Array, " d"], x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+    """v (float32) broadcast to x's shape, then cast to x's dtype, so that the backward pass casts the
+    cotangent up before summing it. Only for v that vary per example (the conditioning): under vmap
+    the batch's broadcast of an unbatched v would come after the cast, and sum in bf16."""
+    return jnp.broadcast_to(v, x.shape).astype(x.dtype)
 
 
+@jax.custom_jvp
 def _add_bias(y: Float[Array, "... d"], bias: Float[Array, " d"]) -> Float[Array, "... d"]:
-    """y + bias in y's dtype, with the bias gradient summed in the bias's dtype (float32): the bias is
-    broadcast before it is cast, so the backward pass casts the cotangent up and then reduces over
-    the batch and tokens (a bf16 sum of 65k terms loses ~1% of the result)."""
+    """y + bias in y's dtype, with the bias gradient summed in float32 over every axis but the last,
+    batch included (`_add_bias_jvp`)."""
     return y + jnp.broadcast_to(bias, y.shape).astype(y.dtype)
+
+
+def _add_bias_jvp(primals, tangents):
+    """The tangent is formed in float32 and cast once, so the gradient (its transpose) casts the
+    cotangent up and then sums it. As a plain cast and add, the batch's sum came after the cast under
+    vmap (the batch's broadcast of an unbatched bias is added last), in bf16: 6% off over 256
+    examples (test_dit.py). Adding in float32 in the forward pass too is exact, but it kept XLA from
+    fusing the add into the products: 3-9% slower per DiT-B/2 step on an H100 (BENCHMARKS.md)."""
+    (y, bias), (dy, dbias) = primals, tangents
+    if isinstance(dbias, SymbolicZero):
+        return _add_bias(y, bias), jnp.zeros_like(y) if isinstance(dy, SymbolicZero) else dy
+    # without a tangent for y (an input that is not differentiated), y's zeros in its place: they
+    # carry the batch, so that the batch's broadcast of dbias still comes before the cast
+    # (jnp.zeros_like would not: under vmap it is unbatched); the transpose does not keep them
+    dy32 = y.astype(jnp.float32) * 0 if isinstance(dy, SymbolicZero) else dy.astype(jnp.float32)
+    return _add_bias(y, bias), (dy32 + jnp.broadcast_to(dbias, y.shape)).astype(y.dtype)
+
+
+_add_bias.defjvp(_add_bias_jvp, symbolic_zeros=True)
+
+
+def _modulate(x: Float[Array, "n d"], shift: Float[Array, " d"], scale: Float[Array, " d"]) -> Float[Array, "n d"]:
+    """x·(1 + scale) + shift in x's dtype; the conditioning's gradients are summed in float32."""
+    return x * _broadcast_like(1 + scale, x) + _broadcast_like(shift, x)
+
+
+def _gated_residual(x: Float[Array, "n d"], gate: Float[Array, " d"], h: Float[Array, "n d"]) -> Float[Array, "n d"]:
+    """x + gate·h in x's dtype; the gate's gradient is summed in float32."""
+    return x + _broadcast_like(gate, x) * h.astype(x.dtype)
 
 
 def resolve_remat(remat: bool | str | None) -> str:
     """A `remat` setting as one of REMAT_POLICIES' names: True and False mean "full" and "none";
     None is "dots" on CPUs, where recomputing the cheap activations beat storing them (BENCHMARKS.md:
     the core configs and the digits run, 7-30% faster per step), and "none" on accelerators, where
-    "dots" ran 8% slower (DiT-B/2 on an H100, measured before bf16 products were written in bf16)."""
+    "dots" ran 5% slower (DiT-B/2 bf16 on an H100)."""
     if remat is None:
         return "dots" if jax.default_backend() == "cpu" else "none"
     if isinstance(remat, bool):
@@ -237,11 +270,11 @@ class DiTBlock(eqx.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q.astype(jnp.float32)).astype(q.dtype), self.k_norm(k.astype(jnp.float32)).astype(k.dtype)
         attn = attention(q, k, v, attention_implementation)  # (n, heads, head_dim)
-        x = x + gate_a[None] * self.proj(attn.reshape(n, d)).astype(x.dtype)
+        x = _gated_residual(x, gate_a, self.proj(attn.reshape(n, d), compute_dtype_out=True))
 
         h = _modulate(_layer_norm(x), shift_m, scale_m)
-        h = self.fc2(jax.nn.gelu(self.fc1(h, compute_dtype_out=True), approximate=True)).astype(x.dtype)  # (n, d)
-        return x + gate_m[None] * h
+        h = self.fc2(jax.nn.gelu(self.fc1(h, compute_dtype_out=True), approximate=True), compute_dtype_out=True)
+        return _gated_residual(x, gate_m, h)
 
 
 class PatchEmbed(eqx.Module):
@@ -281,10 +314,11 @@ class DiT(eqx.Module):
     remat: str = eqx.field(static=True)
     scan_unroll: int = eqx.field(static=True)
     attention: str | None = eqx.field(static=True)
+    residual_dtype: str = eqx.field(static=True)
 
     def __init__(
         self, config: DiTConfig, *, key: PRNGKeyArray, dtype: str = "float32", remat: bool | str | None = None,
-        scan_unroll: int | None = None, attention: str | None = None,
+        scan_unroll: int | None = None, attention: str | None = None, residual_dtype: str = "float32",
     ):
         """`dtype` is the matmul compute dtype (parameters are always float32).
 
@@ -299,9 +333,16 @@ class DiT(eqx.Module):
         CPUs and the full depth elsewhere (`resolve_scan_unroll`).
 
         `attention` is one of ATTENTION_IMPLEMENTATIONS ("einsum", "xla", "cudnn"); None (the
-        default) is the backend's choice when the model runs (`resolve_attention`)."""
-        if dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"compute dtype (={dtype!r}) must be 'float32' or 'bfloat16'.")
+        default) is the backend's choice when the model runs (`resolve_attention`).
+
+        `residual_dtype` is the dtype of the residual stream between and inside the blocks (the
+        tokens, LayerNorm's and the modulation's outputs): "float32" (the default, as under
+        PyTorch's autocast) or "bfloat16", which halves the bytes that the elementwise work and the
+        reductions between the products move. LayerNorm's statistics, the softmax and every
+        gradient sum of the conditioning stay float32 either way."""
+        for name, value in (("compute dtype", dtype), ("residual_dtype", residual_dtype)):
+            if value not in ("float32", "bfloat16"):
+                raise ValueError(f"{name} (={value!r}) must be 'float32' or 'bfloat16'.")
         remat = resolve_remat(remat)
         if attention is not None:
             resolve_attention(attention, dtype, config.hidden_size // config.num_heads)  # a bad name fails here
@@ -323,6 +364,7 @@ class DiT(eqx.Module):
         self.remat = remat
         self.scan_unroll = resolve_scan_unroll(scan_unroll, cfg.depth)
         self.attention = attention
+        self.residual_dtype = residual_dtype
 
     def embed(self, t: Float[Array, ""], y: Int[Array, ""]) -> Float[Array, " d"]:
         """The conditioning vector c = timestep embedding + label embedding."""
@@ -340,7 +382,7 @@ class DiT(eqx.Module):
                 f"(H, W, C); got {x.shape}. Batch with jax.vmap."
             )
         p, grid = cfg.patch_size, cfg.image_size // cfg.patch_size
-        tokens = self.patch_embed(x) + sincos_pos_embed(cfg.hidden_size, grid)  # (n, d)
+        tokens = (self.patch_embed(x) + sincos_pos_embed(cfg.hidden_size, grid)).astype(self.residual_dtype)  # (n, d)
         c = self.embed(t, y)  # (d,)
 
         block_arrays, block_static = eqx.partition(self.blocks, eqx.is_array)
@@ -361,15 +403,18 @@ class DiT(eqx.Module):
 
 def with_compute_dtype(
     model: DiT, dtype: str, remat: bool | str | None = None, scan_unroll: int | None = None,
-    attention: str | None = None,
+    attention: str | None = None, residual_dtype: str | None = None,
 ) -> DiT:
     """The same weights, with matmuls computed in `dtype` ("float32" or "bfloat16") and,
-    when given, block rematerialisation, scan unrolling and the attention implementation changed."""
+    when given, block rematerialisation, scan unrolling, the attention implementation and the
+    residual stream's dtype changed."""
     remat = model.remat if remat is None else remat
     scan_unroll = model.scan_unroll if scan_unroll is None else scan_unroll
     attention = model.attention if attention is None else attention
+    residual_dtype = model.residual_dtype if residual_dtype is None else residual_dtype
     skeleton = eqx.filter_eval_shape(
-        lambda: DiT(model.config, key=jr.key(0), dtype=dtype, remat=remat, scan_unroll=scan_unroll, attention=attention)
+        lambda: DiT(model.config, key=jr.key(0), dtype=dtype, remat=remat, scan_unroll=scan_unroll, attention=attention,
+                    residual_dtype=residual_dtype)
     )
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(skeleton), jax.tree_util.tree_leaves(model))
 

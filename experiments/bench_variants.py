@@ -22,8 +22,8 @@ temporaries the runtime maps afresh); where the card's nominal peak is known (rf
 also the model FLOPs utilisation against it. The last line is one JSON object.
 
 A variant that does not compile is reported (under "failed" in the JSON) and left out.
-Each variant compiles in 3-9 s on a 2-core CPU (DiT-B/2 in 25-50 s on an H100); with the default 9 rounds, three variants of
-hidden256 take about 2 minutes, of debug under a minute.
+Each variant compiles in 3-9 s on a 2-core CPU (DiT-B/2 in 18-50 s on an H100); with the
+default 9 rounds, three variants of hidden256 take about 2 minutes, of debug under a minute.
 """
 
 from __future__ import annotations
@@ -59,8 +59,11 @@ class Args:
     preset: str | None = None
     """a DiTConfig preset (e.g. B/2) on --image_size x --image_size x --channels with --num_classes"""
     image_size: int = 32
+    """with --preset (the core configs fix their own sizes)"""
     channels: int = 4
+    """with --preset"""
     num_classes: int = 1000
+    """with --preset"""
     batch_size: int | None = None
     """default: the core config's, 256 for a preset"""
     precision: Literal["float32", "bf16"] = "float32"
@@ -133,6 +136,12 @@ def compiled_variant(variant: dict[str, Any], cfg: rfdit.DiTConfig, dtype: str, 
 
 def main(argv: list[str] | None = None) -> dict:
     args = tyro.cli(Args, args=argv, use_underscores=True)
+    matmul_precision = "highest" if args.precision == "float32" else "default"
+    with jax.default_matmul_precision(matmul_precision):  # for this comparison only, not the process
+        return compare(args, matmul_precision)
+
+
+def compare(args: Args, matmul_precision: str) -> dict:
     names = ["defaults", *args.variants]
     if len(set(names)) != len(names):
         raise SystemExit(f"--variants must differ from each other and from 'defaults'; got {list(args.variants)}.")
@@ -145,13 +154,11 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         config_name = args.config
         spec = dict(CORE_CONFIGS[args.config])
-        batch_size = args.batch_size or spec.pop("batch_size")
-        spec.pop("batch_size", None)
+        default_batch = spec.pop("batch_size")
+        batch_size = args.batch_size or default_batch
         cfg = rfdit.DiTConfig(**spec)
         steps = args.steps or (20 if args.config == "debug" else 2)
     dtype = "bfloat16" if args.precision == "bf16" else "float32"
-    matmul_precision = "highest" if dtype == "float32" else "default"
-    jax.config.update("jax_default_matmul_precision", matmul_precision)
     device = jax.devices()[0]
     peak = nominal_peak_tflops(device.device_kind, dtype, matmul_precision)
     gflop_per_step = 3 * cfg.forward_flops() * batch_size / 1e9

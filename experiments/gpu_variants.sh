@@ -18,7 +18,7 @@ else
   model="--preset B/2 --image_size 32 --batch_size 256"; timing="--rounds 7 --steps 10"; train=""
 fi
 common="$model --channels 4 --num_classes 1000 --precision bf16"
-read -r -a variants <<< "${VARIANTS-residual_dtype=bfloat16 residual_dtype=bfloat16,remat=dots residual_dtype=bfloat16,xla:xla_gpu_experimental_enable_fusion_block_level_rewriter=true}"
+read -r -a variants <<< "${VARIANTS-residual_dtype=bfloat16}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$out/gpu.txt"
 echo "== variants: ${variants[*]}"
 timeout "${VARIANTS_TIMEOUT:-260}" python "$here/bench_variants.py" $common $timing --variants "${variants[@]}" 2>&1 \

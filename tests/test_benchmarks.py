@@ -82,6 +82,7 @@ def test_bench_variants_compiles_each_variant_and_reports_it(monkeypatch):
     monkeypatch.setattr(dit, "einsum_attention", counted("einsum", dit.einsum_attention))
     monkeypatch.setattr(jax.nn, "dot_product_attention", counted("xla", jax.nn.dot_product_attention))
     variant = "attention=xla,grad_accum=2,xla:xla_cpu_enable_fast_math=true"
+    precision_before = jax.config.jax_default_matmul_precision
     result = bench.main(["--config", "debug", "--rounds", "2", "--steps", "1", "--variants", variant])
     rows = {row["variant"]: row for row in result["variants"]}
     assert list(rows) == ["defaults", variant]
@@ -91,6 +92,7 @@ def test_bench_variants_compiles_each_variant_and_reports_it(monkeypatch):
     assert traced["xla"] > 0 and (traced["einsum"] > 0 or jax.default_backend() != "cpu")  # variant, defaults
     assert all(row["ms_per_step"] > 0 and row["speedup"] > 0 and row["page_faults_per_step"] >= 0
                for row in rows.values())
+    assert jax.config.jax_default_matmul_precision == precision_before  # set for the comparison only
     # a variant that does not compile is reported and left out; the others are timed
     result = bench.main(["--config", "debug", "--rounds", "1", "--steps", "1", "--variants", "xla:no_such_option=1",
                          "remat=none"])

@@ -80,25 +80,31 @@ def _add_bias(y: Float[Array, "... d"], bias: Float[Array, " d"]) -> Float[Array
 def _add_bias_jvp(primals, tangents):
     """The tangent is formed in float32 and cast once, so the gradient (its transpose) casts the
     cotangent up and then sums it. As a plain cast and add, the batch's sum came after the cast under
-    vmap (the batch's broadcast of an unbatched bias is added last), in bf16: 6% off over 256
-    examples (test_dit.py). Adding in float32 in the forward pass too is exact, but it kept XLA from
-    fusing the add into the products: 3-9% slower per DiT-B/2 step on an H100 (BENCHMARKS.md)."""
+    vmap (the batch's broadcast of an unbatched bias is added last), in bf16: up to a few per cent
+    off per element, ~1% over the whole array, for 256 examples (test_dit.py). An earlier version
+    added the bias, the modulation and the gated residual in float32 instead, which is exact but kept
+    XLA from fusing those adds with their neighbours: 1% slower per DiT-B/2 step on an H100 with the
+    float32 residual stream, 8% with the bf16 one (BENCHMARKS.md)."""
     (y, bias), (dy, dbias) = primals, tangents
-    if isinstance(dbias, SymbolicZero):
-        return _add_bias(y, bias), jnp.zeros_like(y) if isinstance(dy, SymbolicZero) else dy
-    # without a tangent for y (an input that is not differentiated), y's zeros in its place: they
-    # carry the batch, so that the batch's broadcast of dbias still comes before the cast
-    # (jnp.zeros_like would not: under vmap it is unbatched); the transpose does not keep them
-    dy32 = y.astype(jnp.float32) * 0 if isinstance(dy, SymbolicZero) else dy.astype(jnp.float32)
-    return _add_bias(y, bias), (dy32 + jnp.broadcast_to(dbias, y.shape)).astype(y.dtype)
+    if isinstance(dbias, SymbolicZero):  # JAX does not call this rule when both tangents are zero
+        return _add_bias(y, bias), dy
+    # without a tangent for y (an input that is not differentiated), zeros in its place that carry
+    # y's batch (jnp.zeros_like would not: under vmap it is unbatched), so that the batch's broadcast
+    # of dbias still comes before the cast; the transpose does not keep them
+    y32 = y.astype(jnp.float32)
+    dy32 = jnp.where(True, jnp.float32(0), y32) if isinstance(dy, SymbolicZero) else dy.astype(jnp.float32)
+    return _add_bias(y, bias), (dy32 + jnp.broadcast_to(dbias.astype(jnp.float32), y.shape)).astype(y.dtype)
 
 
 _add_bias.defjvp(_add_bias_jvp, symbolic_zeros=True)
 
 
 def _modulate(x: Float[Array, "n d"], shift: Float[Array, " d"], scale: Float[Array, " d"]) -> Float[Array, "n d"]:
-    """x·(1 + scale) + shift in x's dtype; the conditioning's gradients are summed in float32."""
-    return x * _broadcast_like(1 + scale, x) + _broadcast_like(shift, x)
+    """x·(1 + scale) + shift in x's dtype, written x + x·scale + shift: in bf16, 1 + scale would be
+    rounded first, to steps of 2⁻⁸ (2⁻⁷ above 1), which adds an error as large as the output's own
+    rounding to small scales (adaLN-Zero starts them at 0). The conditioning's gradients are summed
+    in float32."""
+    return x + x * _broadcast_like(scale, x) + _broadcast_like(shift, x)
 
 
 def _gated_residual(x: Float[Array, "n d"], gate: Float[Array, " d"], h: Float[Array, "n d"]) -> Float[Array, "n d"]:
@@ -110,7 +116,7 @@ def resolve_remat(remat: bool | str | None) -> str:
     """A `remat` setting as one of REMAT_POLICIES' names: True and False mean "full" and "none";
     None is "dots" on CPUs, where recomputing the cheap activations beat storing them (BENCHMARKS.md:
     the core configs and the digits run, 7-30% faster per step), and "none" on accelerators, where
-    "dots" ran 5% slower (DiT-B/2 bf16 on an H100)."""
+    "dots" ran 8% slower (DiT-B/2 bf16 on an H100, bf16 residual stream)."""
     if remat is None:
         return "dots" if jax.default_backend() == "cpu" else "none"
     if isinstance(remat, bool):
@@ -339,7 +345,8 @@ class DiT(eqx.Module):
         tokens, LayerNorm's and the modulation's outputs): "float32" (the default, as under
         PyTorch's autocast) or "bfloat16", which halves the bytes that the elementwise work and the
         reductions between the products move. LayerNorm's statistics, the softmax and every
-        gradient sum of the conditioning stay float32 either way."""
+        gradient sum of the conditioning stay float32 either way. It is independent of `dtype`,
+        though only bf16 products make it pay (BENCHMARKS.md)."""
         for name, value in (("compute dtype", dtype), ("residual_dtype", residual_dtype)):
             if value not in ("float32", "bfloat16"):
                 raise ValueError(f"{name} (={value!r}) must be 'float32' or 'bfloat16'.")

@@ -8,13 +8,7 @@
 #   xl2_bf16       DiT-XL/2 in bf16 at the largest batch whose compiled step fits (XLA's memory analysis).
 #     bash experiments/gpu_bench.sh [OUT_DIR]     TINY=1: a CPU rehearsal with tiny sizes; BUDGET=seconds for all runs
 # Runs stop early rather than overrun BUDGET (default 480 s); the table at the end says which ran.
-set -uo pipefail
-out=${1:-${OUT:-bench_out}}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-${TMPDIR:-/tmp}/rfdit_jax_cache}  # not among the results
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}  # JAX's default leaves 25% unused
-here=$(cd "$(dirname "$0")" && pwd)
+source "$(dirname "$0")/gpu_env.sh" "$@"
 budget=${BUDGET:-480}
 if [ "${TINY:-0}" = 1 ]; then
   b2="--hidden_size 64 --depth 2 --num_heads 2 --patch_size 2 --image_size 8"; xl="$b2"; batch=16

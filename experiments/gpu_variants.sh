@@ -5,13 +5,7 @@
 #     bash experiments/gpu_variants.sh [OUT_DIR]
 # VARIANTS (space-separated, each as bench_variants.py takes it) and PROFILE_ARGS (bench_train.py flags
 # of the profiled setting) override the defaults below; TINY=1 rehearses with tiny sizes on a CPU.
-set -uo pipefail
-out=${1:-${OUT:-bench_out}}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-${TMPDIR:-/tmp}/rfdit_jax_cache}  # not among the results
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}  # JAX's default leaves 25% unused
-here=$(cd "$(dirname "$0")" && pwd)
+source "$(dirname "$0")/gpu_env.sh" "$@"
 if [ "${TINY:-0}" = 1 ]; then
   model="--preset debug --image_size 16 --batch_size 16"; timing="--rounds 2 --steps 2"; train="--peak_size 512"
 else

@@ -3,7 +3,8 @@
 #   b2_bf16        DiT-B/2 on 32x32x4 latents, batch 256, bf16 (defaults); sampling throughput (32 Euler
 #                  steps with guidance) and an op-by-op profile of the step (in b2_bf16.log, trace in b2_bf16_trace/);
 #   b2_bf16_*      the same with one change each, side by side: VARIANTS="scanned no_triton_gemm" by default, also
-#                  cublaslt, remat_dots, xla_attention (XLA's attention instead of cuDNN's);
+#                  cublaslt, remat_dots, xla_attention (XLA's attention instead of cuDNN's), bf16_stream
+#                  (--residual_dtype bfloat16);
 #   b2_f32         the same in float32 (true f32 matmuls: jax_default_matmul_precision=highest), blocks scanned;
 #   xl2_bf16       DiT-XL/2 in bf16 at the largest batch whose compiled step fits (XLA's memory analysis).
 #     bash experiments/gpu_bench.sh [OUT_DIR]     TINY=1: a CPU rehearsal with tiny sizes; BUDGET=seconds for all runs
@@ -39,6 +40,7 @@ for v in ${VARIANTS-scanned no_triton_gemm}; do
     cublaslt) run b2_bf16_$v 75 "XLA_FLAGS=--xla_gpu_enable_cublaslt=true" $b2_args $steps ;;
     remat_dots) run b2_bf16_$v 75 "" $b2_args $steps --remat dots ;;
     xla_attention) run b2_bf16_$v 75 "" $b2_args $steps --attention xla ;;
+    bf16_stream) run b2_bf16_$v 75 "" $b2_args $steps --residual_dtype bfloat16 ;;
     *) echo "unknown variant $v" ;;
   esac
 done

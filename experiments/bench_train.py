@@ -37,6 +37,7 @@ import tyro
 
 import rfdit
 from rfdit.benchmarking import (
+    benchmark_matmul_precision,
     compiled_footprint,
     matmul_peak_tflops,
     nominal_peak_tflops,
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = tyro.cli(Args, args=argv, use_underscores=True)
     cfg = model_config(args)
     dtype = "bfloat16" if args.precision == "bf16" else "float32"
-    matmul_precision = args.matmul_precision or ("highest" if dtype == "float32" else "default")
+    matmul_precision = args.matmul_precision or benchmark_matmul_precision(dtype)
     jax.config.update("jax_default_matmul_precision", matmul_precision)
     device = jax.devices()[0]
     print(f"device: {device.device_kind} x{jax.device_count()}, compute dtype: {dtype}, "

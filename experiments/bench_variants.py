@@ -43,7 +43,7 @@ import jax.random as jr
 import tyro
 
 import rfdit
-from rfdit.benchmarking import CORE_CONFIGS, nominal_peak_tflops, time_calls
+from rfdit.benchmarking import CORE_CONFIGS, benchmark_matmul_precision, nominal_peak_tflops, time_calls
 from rfdit.nn.dit import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 
 MODEL_SETTINGS = ("scan_unroll", "remat", "attention", "residual_dtype")  # rfdit.DiT's
@@ -136,12 +136,13 @@ def compiled_variant(variant: dict[str, Any], cfg: rfdit.DiTConfig, dtype: str, 
 
 def main(argv: list[str] | None = None) -> dict:
     args = tyro.cli(Args, args=argv, use_underscores=True)
-    matmul_precision = "highest" if args.precision == "float32" else "default"
+    dtype = "bfloat16" if args.precision == "bf16" else "float32"
+    matmul_precision = benchmark_matmul_precision(dtype)
     with jax.default_matmul_precision(matmul_precision):  # for this comparison only, not the process
-        return compare(args, matmul_precision)
+        return compare(args, dtype, matmul_precision)
 
 
-def compare(args: Args, matmul_precision: str) -> dict:
+def compare(args: Args, dtype: str, matmul_precision: str) -> dict:
     names = ["defaults", *args.variants]
     if len(set(names)) != len(names):
         raise SystemExit(f"--variants must differ from each other and from 'defaults'; got {list(args.variants)}.")
@@ -158,7 +159,6 @@ def compare(args: Args, matmul_precision: str) -> dict:
         batch_size = args.batch_size or default_batch
         cfg = rfdit.DiTConfig(**spec)
         steps = args.steps or (20 if args.config == "debug" else 2)
-    dtype = "bfloat16" if args.precision == "bf16" else "float32"
     device = jax.devices()[0]
     peak = nominal_peak_tflops(device.device_kind, dtype, matmul_precision)
     gflop_per_step = 3 * cfg.forward_flops() * batch_size / 1e9

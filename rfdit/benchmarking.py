@@ -37,6 +37,12 @@ CORE_CONFIGS = {
 }
 
 
+def benchmark_matmul_precision(dtype: str) -> str:
+    """The benchmarks' jax_default_matmul_precision for a compute dtype: "highest" for float32 (true
+    float32 products; GPUs would otherwise run them as TF32), "default" for bfloat16."""
+    return "highest" if dtype == "float32" else "default"
+
+
 def nominal_peak_tflops(device_kind: str, dtype: str, matmul_precision: str) -> float | None:
     """The card's nominal dense peak for this dtype (float32 counts as TF32 unless precision is "highest")."""
     for name, peaks in NOMINAL_PEAK_TFLOPS.items():

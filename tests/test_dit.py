@@ -263,13 +263,17 @@ def test_bf16_linear_sums_its_bias_gradient_in_float32(getkey):
     # Both cases count: the bias alone (the input's tangent is zero, as for the patch embedding) and
     # the whole layer (as in training, where the input's tangent is not).
     exact = np.asarray(weights.astype(jnp.bfloat16), np.float64).sum(axis=(0, 1))
-    plain = lambda l: l(x, compute_dtype_out=True)  # noqa: E731
-    vmapped = lambda l: jax.vmap(ft.partial(l, compute_dtype_out=True))(x)  # noqa: E731
-    for apply in (plain, vmapped):
-        assert apply(layer).dtype == jnp.bfloat16
-        loss = lambda l: jnp.sum(apply(l).astype(jnp.float32) * weights)  # noqa: E731
-        bias_alone = jax.grad(lambda b: loss(eqx.tree_at(lambda l: l.bias, layer, b)))(layer.bias)
-        in_the_layer = jax.grad(loss)(layer).bias
+
+    def apply(l, vmapped):
+        return jax.vmap(ft.partial(l, compute_dtype_out=True))(x) if vmapped else l(x, compute_dtype_out=True)
+
+    def loss(l, vmapped):
+        return jnp.sum(apply(l, vmapped).astype(jnp.float32) * weights)
+
+    for vmapped in (False, True):
+        assert apply(layer, vmapped).dtype == jnp.bfloat16
+        bias_alone = jax.grad(lambda b: loss(eqx.tree_at(lambda l: l.bias, layer, b), vmapped))(layer.bias)
+        in_the_layer = jax.grad(loss)(layer, vmapped).bias
         for grad in (bias_alone, in_the_layer):
             np.testing.assert_allclose(np.asarray(grad, np.float64), exact, rtol=1e-4, atol=1e-3)
 

@@ -11,6 +11,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .config import FlowConfig, OptimConfig
 from .flow import draw, loss_given_draws
+from .nn.dit import with_bf16_backward
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
@@ -133,8 +134,8 @@ class TrainStep:
         params, model_static = eqx.partition(state.model, eqx.is_inexact_array)
         draws = draw(loss_key, images, labels, self.flow, self.num_classes)
 
-        def loss_fn(params, x1, draws):
-            return loss_given_draws(eqx.combine(params, model_static), x1, draws, self.flow)
+        def loss_fn(params, x1, draws):  # bf16 products keep bf16 operands in the backward pass too
+            return loss_given_draws(with_bf16_backward(eqx.combine(params, model_static)), x1, draws, self.flow)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         n = self.micro_batches(state.model, images.shape[0])

@@ -10,7 +10,13 @@ import pytest
 
 import rfdit
 from rfdit.config import PRESETS
-from rfdit.nn.dit import resolve_scan_unroll, sincos_pos_embed, timestep_features, with_compute_dtype
+from rfdit.nn.dit import (
+    resolve_scan_unroll,
+    sincos_pos_embed,
+    timestep_features,
+    with_bf16_backward,
+    with_compute_dtype,
+)
 
 
 def closed_form_params(h, d, p, c, k, o, r):
@@ -167,24 +173,30 @@ def test_dit_bf16_compute_close_to_f32(getkey):
     assert 0 < rel < 2e-2  # bf16 operands carry 8 mantissa bits: ~1e-3..1e-2 relative error
 
 
-def _dot_dtypes(jaxpr) -> list[tuple[tuple[int, ...], tuple[str, ...]]]:
-    """(operand ranks, operand dtypes) of every dot_general in a jaxpr, inner jaxprs (scan, remat) included."""
+def _dot_eqns(jaxpr) -> list:
+    """Every dot_general of a jaxpr, inner jaxprs (scan, remat, custom rules) included."""
     found = []
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
-            found.append((tuple(v.aval.ndim for v in eqn.invars), tuple(str(v.aval.dtype) for v in eqn.invars)))
+            found.append(eqn)
         for param in eqn.params.values():
             for inner in param if isinstance(param, (list, tuple)) else [param]:
                 inner = getattr(inner, "jaxpr", inner)
                 if hasattr(inner, "eqns"):
-                    found += _dot_dtypes(inner)
+                    found += _dot_eqns(inner)
     return found
 
 
+def _dot_dtypes(jaxpr) -> list[tuple[tuple[int, ...], tuple[str, ...]]]:
+    """(operand ranks, operand dtypes) of every dot_general in a jaxpr, inner jaxprs included."""
+    return [(tuple(v.aval.ndim for v in e.invars), tuple(str(v.aval.dtype) for v in e.invars)) for e in _dot_eqns(jaxpr)]
+
+
 def test_dit_bf16_backward_products_stay_bf16(getkey):
-    # A float32 product output under bf16 makes its cotangent, and so the backward pass's products,
-    # float32: on an H100 those ran as TF32 and the DiT-B/2 step took twice as long (BENCHMARKS.md).
-    model = with_compute_dtype(perturbed(small_model(getkey()), getkey()), "bfloat16")
+    # The backward pass's products take bf16 operands too, as the training step differentiates the model
+    # (with_bf16_backward). Float32 cotangents made them float32: on an H100 those ran as TF32 and the
+    # DiT-B/2 step took twice as long; on CPUs, at half the speed of bf16 operands (BENCHMARKS.md).
+    model = with_bf16_backward(with_compute_dtype(perturbed(small_model(getkey()), getkey()), "bfloat16"))
     params, static = eqx.partition(model, eqx.is_inexact_array)
     x, t, y = jr.normal(getkey(), (2, 8, 8, 3)), jr.uniform(getkey(), (2,)), jnp.arange(2)
     loss = lambda p: jnp.mean(jax.vmap(eqx.combine(p, static))(x, t, y) ** 2)
@@ -195,6 +207,36 @@ def test_dit_bf16_backward_products_stay_bf16(getkey):
     linear = [dtypes for ranks, dtypes in dots if min(ranks) <= 3]
     assert len(linear) >= 3 * 5  # x@W, g@W, x^T g for the five linears of the scanned block, and more
     assert all(dtypes == ("bfloat16", "bfloat16") for dtypes in linear), linear
+
+
+def test_bf16_backward_rounds_the_cotangent_and_sums_the_batch_in_one_product(getkey):
+    from rfdit.nn.dit import Linear
+
+    layer = Linear(0.1 * jr.normal(getkey(), (24, 40)), 0.1 * jr.normal(getkey(), (24,)), "bfloat16")
+    flagged = with_bf16_backward(layer)
+    x = jr.normal(getkey(), (16, 32, 40))  # (batch, tokens, in): the layer runs per example, under vmap
+    g = jr.normal(getkey(), (16, 32, 24))  # the output's cotangent
+
+    def loss(l, x):
+        return jnp.sum(jax.vmap(l)(x) * g)
+
+    dl, dx = jax.grad(loss, argnums=(0, 1))(flagged, x)
+    # float64 references on the bf16-rounded operands: each product is exact in float32 (8-bit
+    # mantissas), so only float32 accumulation over 40 or 512 terms remains (~1e-7 relative)
+    r = lambda a: np.asarray(jnp.asarray(a).astype(jnp.bfloat16), np.float64)
+    np.testing.assert_allclose(dx, r(g) @ r(layer.weight), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dl.weight, np.einsum("bto,bti->oi", r(g), r(x)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dl.bias, np.asarray(g, np.float64).sum((0, 1)), rtol=1e-5, atol=1e-5)
+    # the weight's gradient is one (out, in) product over batch and tokens, not one per example
+    dots = _dot_eqns(jax.make_jaxpr(jax.grad(loss))(flagged, x).jaxpr)
+    assert len(dots) == 3 and all(e.params["dimension_numbers"][1] == ((), ()) for e in dots)  # no batch axes
+    # the same forward pass as the unflagged layer, whose forward-mode autodiff still works
+    np.testing.assert_array_equal(jax.vmap(flagged)(x), jax.vmap(layer)(x))
+    jax.linearize(jax.vmap(layer), x)
+    # float32 layers are unchanged
+    f32 = Linear(layer.weight, layer.bias)
+    ours, plain = jax.grad(loss)(with_bf16_backward(f32), x), jax.grad(loss)(f32, x)
+    assert jnp.array_equal(ours.weight, plain.weight) and jnp.array_equal(ours.bias, plain.bias)
 
 
 def _relative_error(a, b) -> float:

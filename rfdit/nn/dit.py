@@ -6,6 +6,8 @@ One example per call: `DiT(cfg, key=...)(x, t, y)` maps x (H, W, C), t () and y 
 
 from __future__ import annotations
 
+import dataclasses
+import functools as ft
 import math
 
 import equinox as eqx
@@ -13,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+from jax.custom_batching import custom_vmap
 from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
@@ -139,23 +142,93 @@ def resolve_scan_unroll(scan_unroll: int | None, depth: int, *, sharded_params: 
     return min(scan_unroll, depth)
 
 
+def _bf16_products_write_float32() -> bool:
+    """Whether bf16 products write float32 here: on CPUs, where XLA multiplies bf16 operands into a
+    float32 result twice as fast as float32 operands (AVX512-BF16), and five times as fast as into a
+    bf16 result (BENCHMARKS.md). Accelerators write bf16 (see `Linear`)."""
+    return jax.default_backend() == "cpu"
+
+
+@custom_vmap
+def _outer_sum(g: Array, x: Array) -> Float[Array, "o i"]:
+    """sum over every leading axis of g ⊗ x, in float32: a weight's gradient (o, i) from the output's
+    cotangent (..., o) and the input (..., i). Under vmap the batch axis is summed in the same product
+    (`_outer_sum_vmap`), as autodiff of an unbatched weight does."""
+    return jnp.einsum("...o,...i->oi", g, x, preferred_element_type=jnp.float32)
+
+
+@_outer_sum.def_vmap
+def _outer_sum_vmap(axis_size: int, in_batched: list[bool], g: Array, x: Array):
+    # A plain vmap would give one (o, i) product per example and sum them afterwards: B times the
+    # memory and 2.3x the time of the whole layer's backward pass (a custom VJP's batched rule).
+    g = g if in_batched[0] else jnp.broadcast_to(g, (axis_size, *g.shape))
+    x = x if in_batched[1] else jnp.broadcast_to(x, (axis_size, *x.shape))
+    return _outer_sum(g, x), False
+
+
+def _bf16_product(x: Float[Array, "... i"], weight: Float[Array, "o i"]) -> Float[Array, "... o"]:
+    return jnp.matmul(x.astype(jnp.bfloat16), weight.T.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+
+
+@ft.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _bf16_product_bf16_backward(x, weight, x_dtype: str, weight_dtype: str):
+    """x W^T from bf16 operands into float32, whose backward pass rounds the cotangent to bf16 and
+    multiplies bf16 operands into float32 as well, as the forward pass does and as under PyTorch's
+    autocast (`Linear`). Autodiff would multiply the float32 cotangent by the bf16 operands, which XLA
+    runs as float32 products: at half the speed on CPUs."""
+    return _bf16_product(x, weight)
+
+
+def _bf16_product_fwd(x, weight, x_dtype, weight_dtype):
+    xb, wb = x.astype(jnp.bfloat16), weight.astype(jnp.bfloat16)
+    return jnp.matmul(xb, wb.T, preferred_element_type=jnp.float32), (xb, wb)
+
+
+def _bf16_product_bwd(x_dtype, weight_dtype, residuals, g):
+    xb, wb = residuals
+    gb = g.astype(jnp.bfloat16)
+    dx = jnp.matmul(gb, wb, preferred_element_type=jnp.float32).astype(x_dtype)
+    return dx, _outer_sum(gb, xb).astype(weight_dtype)
+
+
+_bf16_product_bf16_backward.defvjp(_bf16_product_fwd, _bf16_product_bwd)
+
+
+def product(
+    x: Float[Array, "... i"], weight: Float[Array, "o i"], dtype: str, *, bf16_backward: bool = False
+) -> Float[Array, "... o"]:
+    """x W^T computed in `dtype`, accumulated in float32. With bf16 operands the result is float32 on
+    CPUs (`_bf16_products_write_float32`) and bf16 elsewhere; `bf16_backward` gives the CPU product a
+    backward pass in bf16 operands too (`_bf16_product_bf16_backward`: a custom VJP, so not for
+    forward-mode autodiff). On accelerators a bf16 result already makes the backward pass bf16."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.bfloat16 and _bf16_products_write_float32():
+        if bf16_backward:
+            return _bf16_product_bf16_backward(x, weight, str(x.dtype), str(weight.dtype))
+        return _bf16_product(x, weight)
+    return jnp.matmul(x.astype(dtype), weight.T.astype(dtype), preferred_element_type=dtype)
+
+
 class Linear(eqx.Module):
     """y = x W^T + b, computed in `dtype` (float32 by default, bfloat16 for mixed precision)."""
 
     weight: Float[Array, "out in"]
     bias: Float[Array, " out"]
     dtype: str = eqx.field(static=True, default="float32")
+    bf16_backward: bool = eqx.field(static=True, default=False)
 
     def __call__(self, x: Float[Array, "... in"], *, compute_dtype_out: bool = False) -> Float[Array, "... out"]:
-        """The product accumulates in float32 and is written in the compute dtype, as under PyTorch's
-        autocast. `compute_dtype_out` keeps the result in the compute dtype (halving the memory traffic
-        of wide activations under bf16); otherwise it comes back in the input's dtype.
+        """The product accumulates in float32 (`product`). `compute_dtype_out` returns the result in the
+        compute dtype (halving the memory traffic of wide activations under bf16); otherwise it comes
+        back in the input's dtype.
 
-        A float32 output under bf16 would make the backward pass's products float32 too (the cotangent
-        is float32): on an H100 that ran them as TF32 at half the bf16 rate, 207 ms per DiT-B/2 step
-        against 106 ms (BENCHMARKS.md)."""
+        On accelerators a bf16 product also writes bf16, as under PyTorch's autocast: a float32 output
+        would make the backward pass's products float32 too (the cotangent is float32), and on an H100
+        those ran as TF32 at half the bf16 rate, 207 ms per DiT-B/2 step against 106 ms
+        (BENCHMARKS.md). On CPUs the product writes float32, and `bf16_backward` (set for training by
+        `with_bf16_backward`) keeps the backward pass in bf16 operands."""
         dtype = jnp.dtype(self.dtype)
-        y = jnp.matmul(x.astype(dtype), self.weight.T.astype(dtype), preferred_element_type=dtype)
+        y = product(x, self.weight, self.dtype, bf16_backward=self.bf16_backward)
         return _add_bias(y, self.bias).astype(dtype if compute_dtype_out else x.dtype)
 
 
@@ -214,7 +287,8 @@ def einsum_attention(q: Float[Array, "n h d"], k: Float[Array, "n h d"], v: Floa
     softmax in float32; the weights are cast to v's dtype for the second product."""
     logits = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("hqk,khd->qhd", weights, v)
+    out_dtype = jnp.float32 if _bf16_products_write_float32() else v.dtype  # see `product`
+    return jnp.einsum("hqk,khd->qhd", weights, v, preferred_element_type=out_dtype).astype(v.dtype)
 
 
 def attention(
@@ -294,15 +368,15 @@ class PatchEmbed(eqx.Module):
     bias: Float[Array, " d"]
     patch_size: int = eqx.field(static=True)
     dtype: str = eqx.field(static=True, default="float32")
+    bf16_backward: bool = eqx.field(static=True, default=False)
 
     def __call__(self, x: Float[Array, "H W C"]) -> Float[Array, "n d"]:
         p = self.patch_size
         height, width, channels = x.shape
         patches = x.reshape(height // p, p, width // p, p, channels).transpose(0, 2, 1, 3, 4)
         patches = patches.reshape(-1, p * p * channels)  # (n, p*p*C), row-major over (h, w)
-        dtype = jnp.dtype(self.dtype)
-        w = self.weight.reshape(self.weight.shape[0], -1).astype(dtype)
-        y = jnp.matmul(patches.astype(dtype), w.T, preferred_element_type=dtype)  # see Linear
+        w = self.weight.reshape(self.weight.shape[0], -1)
+        y = product(patches, w, self.dtype, bf16_backward=self.bf16_backward)  # see Linear
         return _add_bias(y, self.bias).astype(x.dtype)
 
 
@@ -424,6 +498,22 @@ def with_compute_dtype(
                     residual_dtype=residual_dtype)
     )
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(skeleton), jax.tree_util.tree_leaves(model))
+
+
+def with_bf16_backward(model: eqx.Module) -> eqx.Module:
+    """`model` with the backward pass of its bf16 products in bf16 operands as well (`product`), for
+    training: `rfdit.TrainStep` differentiates this. It changes nothing in float32 or off CPUs, and it
+    rules out forward-mode autodiff (jvp, linearize) of the model it returns."""
+    def flag(m):
+        if not isinstance(m, (Linear, PatchEmbed)):
+            return m
+        # a copy without __init__, whose shape checks would reject the blocks' stacked weights
+        flagged = object.__new__(type(m))
+        for field in dataclasses.fields(m):
+            object.__setattr__(flagged, field.name, True if field.name == "bf16_backward" else getattr(m, field.name))
+        return flagged
+
+    return jax.tree_util.tree_map(flag, model, is_leaf=lambda m: isinstance(m, (Linear, PatchEmbed)))
 
 
 def count_params(model: eqx.Module) -> int:

@@ -12,6 +12,9 @@ The first row is always rfdit's defaults. Each variant is a comma-separated list
 - `attention=einsum|xla|cudnn`, `scan_unroll=N`, `remat=none|dots|full`,
   `residual_dtype=float32|bfloat16` (rfdit.DiT),
 - `grad_accum=N` (rfdit.TrainStep),
+- `precision=float32|bf16`: the products' compute dtype for this variant (`--precision` sets the
+  defaults' and the jax_default_matmul_precision of the whole comparison; on CPUs that setting
+  changes nothing, so `--variants precision=bf16` compares bf16 with float32 side by side),
 - `xla:<option>=<value>`: an XLA compile option for this variant's executable alone
   (`jax.stages.Lowered.compile(compiler_options=...)`), e.g. `xla:xla_cpu_enable_fast_math=true`.
 
@@ -49,7 +52,7 @@ from rfdit.nn.dit import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 MODEL_SETTINGS = ("scan_unroll", "remat", "attention", "residual_dtype")  # rfdit.DiT's
 STEP_SETTINGS = ("grad_accum",)  # rfdit.TrainStep's
 CHOICES = {"remat": tuple(REMAT_POLICIES), "attention": ATTENTION_IMPLEMENTATIONS,
-           "residual_dtype": ("float32", "bfloat16")}  # the rest are integers >= 1
+           "residual_dtype": ("float32", "bfloat16"), "precision": ("float32", "bf16")}  # the rest: integers >= 1
 
 
 @dataclasses.dataclass
@@ -99,7 +102,7 @@ def parse_variant(text: str) -> dict[str, Any]:
             variant[name] = int(value)
         else:
             raise SystemExit(f"variant {text!r}: unknown setting {name!r}; use one of "
-                             f"{MODEL_SETTINGS + STEP_SETTINGS} or xla:<option>.")
+                             f"{MODEL_SETTINGS + STEP_SETTINGS + ('precision',)} or xla:<option>.")
     return variant
 
 
@@ -110,6 +113,8 @@ class VariantFailed(Exception):
 def compiled_variant(variant: dict[str, Any], cfg: rfdit.DiTConfig, dtype: str, images, labels, seed: int):
     """(a no-argument call that runs one step of this variant's own executable, its resolved
     settings, its compile time in seconds)."""
+    if "precision" in variant:
+        dtype = "bfloat16" if variant["precision"] == "bf16" else "float32"
     model = rfdit.DiT(cfg, key=jr.key(seed), dtype=dtype, **{k: variant[k] for k in MODEL_SETTINGS if k in variant})
     optim = rfdit.OptimConfig()
     optimizer = rfdit.make_optimizer(optim)
@@ -128,7 +133,7 @@ def compiled_variant(variant: dict[str, Any], cfg: rfdit.DiTConfig, dtype: str, 
         holder[0], metrics = compiled(holder[0], images, labels)
         return metrics
 
-    settings = {"attention": model.attention or "default", "scan_unroll": model.scan_unroll, "remat": model.remat,
+    settings = {"dtype": dtype, "attention": model.attention or "default", "scan_unroll": model.scan_unroll, "remat": model.remat,
                 "residual_dtype": model.residual_dtype, "grad_accum": step.micro_batches(model, images.shape[0]),
                 "xla": variant["xla"]}
     return call, settings, compile_s

@@ -13,6 +13,9 @@ global norms and the EMA update (rate 0.9999), no buffer donation.
 The two steps are timed in alternating rounds, so that a noisy machine slows both alike;
 the figures are medians over rounds, and the ratio is the median of the per-round ratios
 (original ms / rfdit ms: above 1 means rfdit is faster). The last line is one JSON object.
+`--precision bf16` runs rfdit's products in bf16 (the original has float32 only); rfdit's
+fraction of peak is then against the bf16 peak that `rfdit.benchmarking.matmul_peak_tflops`
+measures.
 
 Configs (the core issue's two): `debug` is the debug preset with patch 2 on 8×8×1, 10
 classes, batch 128; `hidden256` is hidden 256, depth 4, 4 heads, patch 2, mlp_ratio 4 on

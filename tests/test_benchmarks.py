@@ -95,15 +95,16 @@ def test_bench_variants_compiles_each_variant_and_reports_it(monkeypatch):
     assert jax.config.jax_default_matmul_precision == precision_before  # set for the comparison only
     # a variant that does not compile is reported and left out; the others are timed
     result = bench.main(["--config", "debug", "--rounds", "1", "--steps", "1", "--variants", "xla:no_such_option=1",
-                         "remat=none"])
-    assert [row["variant"] for row in result["variants"]] == ["defaults", "remat=none"]
+                         "remat=none,precision=bf16"])
+    assert [row["variant"] for row in result["variants"]] == ["defaults", "remat=none,precision=bf16"]
+    assert [row["settings"]["dtype"] for row in result["variants"]] == ["float32", "bfloat16"]
     assert "no_such_option" in result["failed"]["xla:no_such_option=1"]
 
 
 @pytest.mark.parametrize("variant, message", [
     ("grad_accum", "is not name=value"), ("heads=2", "unknown setting 'heads'"),
     ("scan_unroll=two", "positive integer"), ("grad_accum=0", "positive integer"),
-    ("attention=flash", "must be one of"), ("remat=some", "must be one of"),
+    ("attention=flash", "must be one of"), ("remat=some", "must be one of"), ("precision=fp8", "must be one of"),
 ])
 def test_bench_variants_bad_variant_says_what_is_accepted(variant, message):
     bench = load_script("bench_variants")

@@ -28,6 +28,9 @@ def test_eight_devices_match_one():
     r = last_json(proc.stdout)
     assert r["dp_vs_single"] < 1e-5 and r["fsdp_vs_single"] < 1e-5  # data-parallel and FSDP steps
     assert r["fsdp_sharded_leaves"] > 0 and r["fsdp_still_sharded"]
+    assert r["bf16_dp_vs_single"] < 1e-5 and r["bf16_fsdp_vs_single"] < 1e-5  # bf16 products on the mesh too
+    # two Adam steps of lr 1e-3 move the parameters by ~1e-3 relative; bf16 rounding changes them by far less
+    assert 0 < r["bf16_vs_float32"] < 1e-4
     assert r["grad_accum_vs_big_batch"] < 1e-5
     assert r["sample_fixed_vs_single"] < 1e-5 and r["sample_is_sharded"]
     assert r["sample_adaptive_max_abs"] < 1e-3  # sharded error norms may flip step decisions: solver tolerance

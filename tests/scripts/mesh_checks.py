@@ -23,9 +23,9 @@ images = np.asarray(jr.normal(jr.key(5), (16, 8, 8, 1)))
 labels = np.arange(16, dtype=np.int32) % 10
 
 
-def fresh_state():
+def fresh_state(dtype="float32"):
     with jax.numpy_dtype_promotion("standard"):
-        return rfdit.TrainState.create(rfdit.DiT(cfg, key=jr.key(0)), optimizer, key=jr.key(1))
+        return rfdit.TrainState.create(rfdit.DiT(cfg, key=jr.key(0), dtype=dtype), optimizer, key=jr.key(1))
 
 
 def params(state):
@@ -66,6 +66,14 @@ results["fsdp_still_sharded"] = all(
     x.sharding.is_equivalent_to(s, x.ndim)
     for x, s in zip([x for x in jax.tree_util.tree_leaves(fsdp) if eqx.is_array(x)], fsdp_in_shardings)
 )
+
+# bf16 products (on CPUs: float32 results, and the weight gradients' batch summed in one product)
+bf16_single = run_steps(fresh_state("bfloat16"), None, name="bf16_single")
+bf16_dp = run_steps(shard_state(fresh_state("bfloat16"), dp_mesh), dp_mesh, name="bf16_dp")
+bf16_fsdp = run_steps(shard_state(fresh_state("bfloat16"), fsdp_mesh), fsdp_mesh, name="bf16_fsdp")
+results["bf16_dp_vs_single"] = rel(params(bf16_dp), params(bf16_single))
+results["bf16_fsdp_vs_single"] = rel(params(bf16_fsdp), params(bf16_single))
+results["bf16_vs_float32"] = rel(params(bf16_single), params(single))
 
 # grad accumulation equals the large batch
 accum = rfdit.TrainStep(optimizer, rfdit.FlowConfig(), optim, num_classes=10, grad_accum=4)

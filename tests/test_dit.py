@@ -11,6 +11,7 @@ import pytest
 import rfdit
 from rfdit.config import PRESETS
 from rfdit.nn.dit import (
+    Linear,
     resolve_scan_unroll,
     sincos_pos_embed,
     timestep_features,
@@ -210,8 +211,6 @@ def test_dit_bf16_backward_products_stay_bf16(getkey):
 
 
 def test_bf16_backward_rounds_the_cotangent_and_sums_the_batch_in_one_product(getkey):
-    from rfdit.nn.dit import Linear
-
     layer = Linear(0.1 * jr.normal(getkey(), (24, 40)), 0.1 * jr.normal(getkey(), (24,)), "bfloat16")
     flagged = with_bf16_backward(layer)
     x = jr.normal(getkey(), (16, 32, 40))  # (batch, tokens, in): the layer runs per example, under vmap
@@ -230,6 +229,15 @@ def test_bf16_backward_rounds_the_cotangent_and_sums_the_batch_in_one_product(ge
     # the weight's gradient is one (out, in) product over batch and tokens, not one per example
     dots = _dot_eqns(jax.make_jaxpr(jax.grad(loss))(flagged, x).jaxpr)
     assert len(dots) == 3 and all(e.params["dimension_numbers"][1] == ((), ()) for e in dots)  # no batch axes
+    # a weight per example (layers stacked by vmap): each gets its own example's gradient
+    weights = 0.1 * jr.normal(getkey(), (16, 24, 40))
+
+    def stacked_loss(weights, x):
+        per_example = lambda w, x: with_bf16_backward(Linear(w, layer.bias, "bfloat16"))(x)
+        return jnp.sum(jax.vmap(per_example)(weights, x) * g)
+
+    np.testing.assert_allclose(jax.grad(stacked_loss)(weights, x), np.einsum("bto,bti->boi", r(g), r(x)),
+                               rtol=1e-5, atol=1e-5)
     # the same forward pass as the unflagged layer, whose forward-mode autodiff still works
     np.testing.assert_array_equal(jax.vmap(flagged)(x), jax.vmap(layer)(x))
     jax.linearize(jax.vmap(layer), x)
@@ -293,8 +301,6 @@ def test_dit_attention_setting_chooses_the_implementation(getkey, monkeypatch):
 
 
 def test_bf16_linear_sums_its_bias_gradient_in_float32(getkey):
-    from rfdit.nn.dit import Linear
-
     layer = Linear(0.1 * jr.normal(getkey(), (16, 32)), jnp.zeros((16,)), "bfloat16")
     x = jr.normal(getkey(), (256, 256, 32))
     weights = jr.normal(getkey(), (256, 256, 16))

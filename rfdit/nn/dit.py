@@ -143,27 +143,34 @@ def resolve_scan_unroll(scan_unroll: int | None, depth: int, *, sharded_params: 
 
 
 def _bf16_products_write_float32() -> bool:
-    """Whether bf16 products write float32 here: on CPUs, where XLA multiplies bf16 operands into a
-    float32 result twice as fast as float32 operands (AVX512-BF16), and five times as fast as into a
-    bf16 result (BENCHMARKS.md). Accelerators write bf16 (see `Linear`)."""
+    """Whether bf16 products write float32 here: on CPUs. On one with AVX512-BF16 (a 2-core EPYC) XLA
+    multiplied bf16 operands into a float32 result at twice the float32 rate, and at 2.5 times the rate
+    into a bf16 result (BENCHMARKS.md); a CPU without those instructions may run bf16 slower than
+    float32. Accelerators write bf16 (see `Linear`)."""
     return jax.default_backend() == "cpu"
 
 
 @custom_vmap
-def _outer_sum(g: Array, x: Array) -> Float[Array, "o i"]:
-    """sum over every leading axis of g ⊗ x, in float32: a weight's gradient (o, i) from the output's
-    cotangent (..., o) and the input (..., i). Under vmap the batch axis is summed in the same product
-    (`_outer_sum_vmap`), as autodiff of an unbatched weight does."""
+def _outer_sum(g: Array, x: Array, weight: Array) -> Float[Array, "o i"]:
+    """sum over every leading axis of g ⊗ x, in float32: the gradient (o, i) of `weight` from the
+    output's cotangent (..., o) and the input (..., i). `weight` only says, under vmap, whether each
+    example has its own (`_outer_sum_vmap`)."""
     return jnp.einsum("...o,...i->oi", g, x, preferred_element_type=jnp.float32)
 
 
 @_outer_sum.def_vmap
-def _outer_sum_vmap(axis_size: int, in_batched: list[bool], g: Array, x: Array):
-    # A plain vmap would give one (o, i) product per example and sum them afterwards: B times the
-    # memory and 2.3x the time of the whole layer's backward pass (a custom VJP's batched rule).
+def _outer_sum_vmap(axis_size: int, in_batched: list[bool], g: Array, x: Array, weight: Array):
     g = g if in_batched[0] else jnp.broadcast_to(g, (axis_size, *g.shape))
     x = x if in_batched[1] else jnp.broadcast_to(x, (axis_size, *x.shape))
-    return _outer_sum(g, x), False
+    if in_batched[2]:  # a weight per example (e.g. models stacked by vmap): a gradient per example
+        return jnp.einsum("b...o,b...i->boi", g, x, preferred_element_type=jnp.float32), True
+    # One weight for the batch (the loss vmaps the model over examples, inside grad): its gradient sums
+    # the batch axis in the same product. The custom VJP's batched rule would form one (o, i) product
+    # per example and sum them afterwards: B times the memory, and for a 1024×256 layer at 16 examples
+    # of 64 tokens 28 ms per forward and backward pass against 6 ms (BENCHMARKS.md). The rule cannot
+    # tell this vmap from one outside grad, so per-example gradients of one shared weight (vmap of grad,
+    # jacrev) would come out summed: `with_bf16_backward` is for losses over a batch.
+    return _outer_sum(g, x, weight), False
 
 
 def _bf16_product(x: Float[Array, "... i"], weight: Float[Array, "o i"]) -> Float[Array, "... o"]:
@@ -188,7 +195,7 @@ def _bf16_product_bwd(x_dtype, weight_dtype, residuals, g):
     xb, wb = residuals
     gb = g.astype(jnp.bfloat16)
     dx = jnp.matmul(gb, wb, preferred_element_type=jnp.float32).astype(x_dtype)
-    return dx, _outer_sum(gb, xb).astype(weight_dtype)
+    return dx, _outer_sum(gb, xb, wb).astype(weight_dtype)
 
 
 _bf16_product_bf16_backward.defvjp(_bf16_product_fwd, _bf16_product_bwd)
@@ -284,7 +291,10 @@ def resolve_attention(attention: str | None, dtype, head_dim: int) -> str:
 
 def einsum_attention(q: Float[Array, "n h d"], k: Float[Array, "n h d"], v: Float[Array, "n h d"]) -> Float[Array, "n h d"]:
     """softmax(q k^T / sqrt(d)) v per head: the logits accumulate, are scaled and go through the
-    softmax in float32; the weights are cast to v's dtype for the second product."""
+    softmax in float32; the weights are cast to v's dtype for the second product, whose result is
+    float32 on CPUs (see `product`) and v's dtype elsewhere, and comes back in v's dtype. Its backward
+    products are plain autodiff: on CPUs under bf16 they multiply float32 cotangents, at the float32
+    rate."""
     logits = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out_dtype = jnp.float32 if _bf16_products_write_float32() else v.dtype  # see `product`
@@ -502,8 +512,10 @@ def with_compute_dtype(
 
 def with_bf16_backward(model: eqx.Module) -> eqx.Module:
     """`model` with the backward pass of its bf16 products in bf16 operands as well (`product`), for
-    training: `rfdit.TrainStep` differentiates this. It changes nothing in float32 or off CPUs, and it
-    rules out forward-mode autodiff (jvp, linearize) of the model it returns."""
+    a training loss over a batch: `rfdit.TrainStep` differentiates this. It changes nothing in float32
+    or off CPUs. On CPUs it rules out forward-mode autodiff (jvp, linearize) of the model it returns,
+    and per-example gradients of a weight shared by the batch (jax.vmap of jax.grad, jax.jacrev),
+    which would come out summed over the batch (`_outer_sum_vmap`)."""
     def flag(m):
         if not isinstance(m, (Linear, PatchEmbed)):
             return m

@@ -292,22 +292,60 @@ def resolve_attention(attention: str | None, dtype, head_dim: int) -> str:
 def einsum_attention(q: Float[Array, "n h d"], k: Float[Array, "n h d"], v: Float[Array, "n h d"]) -> Float[Array, "n h d"]:
     """softmax(q k^T / sqrt(d)) v per head: the logits accumulate, are scaled and go through the
     softmax in float32; the weights are cast to v's dtype for the second product, whose result is
-    float32 on CPUs (see `product`) and v's dtype elsewhere, and comes back in v's dtype. Its backward
-    products are plain autodiff: on CPUs under bf16 they multiply float32 cotangents, at the float32
-    rate."""
+    float32 on CPUs (see `product`) and v's dtype elsewhere, and comes back in v's dtype."""
+    return _einsum_attention_forward(q, k, v)[0]
+
+
+def _einsum_attention_forward(q, k, v):
+    """`einsum_attention`'s output, and the weights (softmax) in v's dtype."""
     logits = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out_dtype = jnp.float32 if _bf16_products_write_float32() else v.dtype  # see `product`
-    return jnp.einsum("hqk,khd->qhd", weights, v, preferred_element_type=out_dtype).astype(v.dtype)
+    return jnp.einsum("hqk,khd->qhd", weights, v, preferred_element_type=out_dtype).astype(v.dtype), weights
+
+
+@jax.custom_vjp
+def _einsum_attention_bf16_backward(q, k, v):
+    """`einsum_attention` on bf16 heads, whose backward pass multiplies bf16 operands into float32 (the
+    output's cotangent and the logits' gradient rounded to bf16), as `_bf16_product_bf16_backward`
+    does for the linear layers. Autodiff would multiply float32 cotangents by bf16 operands: float32
+    products, 10% of the debug config's step and 7% of hidden256's on a 2-core CPU (BENCHMARKS.md)."""
+    return einsum_attention(q, k, v)
+
+
+def _attention_fwd(q, k, v):
+    out, weights = _einsum_attention_forward(q, k, v)
+    return out, (q, k, v, weights)
+
+
+def _attention_bwd(residuals, g):
+    q, k, v, weights = residuals  # weights: the softmax in bf16, as the forward product used it
+    gb = g.astype(v.dtype)
+    dv = jnp.einsum("hqk,qhd->khd", weights, gb, preferred_element_type=jnp.float32)
+    d_weights = jnp.einsum("qhd,khd->hqk", gb, v, preferred_element_type=jnp.float32)
+    p = weights.astype(jnp.float32)
+    d_logits = p * (d_weights - jnp.sum(d_weights * p, axis=-1, keepdims=True)) / math.sqrt(q.shape[-1])
+    d_logits = d_logits.astype(q.dtype)
+    dq = jnp.einsum("hqk,khd->qhd", d_logits, k, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("hqk,qhd->khd", d_logits, q, preferred_element_type=jnp.float32)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_einsum_attention_bf16_backward.defvjp(_attention_fwd, _attention_bwd)
 
 
 def attention(
-    q: Float[Array, "n h d"], k: Float[Array, "n h d"], v: Float[Array, "n h d"], implementation: str | None = None
+    q: Float[Array, "n h d"], k: Float[Array, "n h d"], v: Float[Array, "n h d"], implementation: str | None = None,
+    *, bf16_backward: bool = False,
 ) -> Float[Array, "n h d"]:
     """Softmax attention over one example's tokens (`resolve_attention`). A default cuDNN attention
-    that does not apply to these shapes or this build falls back to XLA's; one asked for raises."""
+    that does not apply to these shapes or this build falls back to XLA's; one asked for raises.
+    `bf16_backward` gives the einsum on bf16 heads on CPUs a backward pass in bf16 operands
+    (`_einsum_attention_bf16_backward`; see `with_bf16_backward`)."""
     chosen = resolve_attention(implementation, q.dtype, q.shape[-1])
     if chosen == "einsum":
+        if bf16_backward and v.dtype == jnp.bfloat16 and _bf16_products_write_float32():
+            return _einsum_attention_bf16_backward(q, k, v)
         return einsum_attention(q, k, v)
     with jax.numpy_dtype_promotion("standard"):  # jax's XLA attention promotes bf16 logits to f32
         if chosen == "cudnn" and implementation is None:
@@ -359,7 +397,8 @@ class DiTBlock(eqx.Module):
         q, k, v = q[:, 0], k[:, 0], v[:, 0]  # (n, heads, head_dim) each
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q.astype(jnp.float32)).astype(q.dtype), self.k_norm(k.astype(jnp.float32)).astype(k.dtype)
-        attn = attention(q, k, v, attention_implementation)  # (n, heads, head_dim)
+        # (n, heads, head_dim); its backward pass in bf16 operands when the block's products have one
+        attn = attention(q, k, v, attention_implementation, bf16_backward=self.qkv.bf16_backward)
         x = _gated_residual(x, gate_a, self.proj(attn.reshape(n, d), compute_dtype_out=True))
 
         h = _modulate(_layer_norm(x), shift_m, scale_m)
@@ -515,7 +554,8 @@ def with_bf16_backward(model: eqx.Module) -> eqx.Module:
     a training loss over a batch: `rfdit.TrainStep` differentiates this. It changes nothing in float32
     or off CPUs. On CPUs it rules out forward-mode autodiff (jvp, linearize) of the model it returns,
     and per-example gradients of a weight shared by the batch (jax.vmap of jax.grad, jax.jacrev),
-    which would come out summed over the batch (`_outer_sum_vmap`)."""
+    which would come out summed over the batch (`_outer_sum_vmap`). A block's einsum attention follows
+    its qkv layer's flag (`_einsum_attention_bf16_backward`)."""
     def flag(m):
         if not isinstance(m, (Linear, PatchEmbed)):
             return m

@@ -48,6 +48,7 @@ from rfdit.benchmarking import (
     summarise_ops,
     time_calls,
 )
+from rfdit.config import compute_dtype
 from rfdit.distributed import global_batch, make_mesh, shard_state
 from rfdit.nn.dit import resolve_scan_unroll
 
@@ -106,7 +107,7 @@ def model_config(args: Args) -> rfdit.DiTConfig:
 def main(argv: list[str] | None = None) -> dict:
     args = tyro.cli(Args, args=argv, use_underscores=True)
     cfg = model_config(args)
-    dtype = "bfloat16" if args.precision == "bf16" else "float32"
+    dtype = compute_dtype(args.precision)
     matmul_precision = args.matmul_precision or benchmark_matmul_precision(dtype)
     jax.config.update("jax_default_matmul_precision", matmul_precision)
     device = jax.devices()[0]

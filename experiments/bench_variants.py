@@ -47,6 +47,7 @@ import tyro
 
 import rfdit
 from rfdit.benchmarking import CORE_CONFIGS, benchmark_matmul_precision, nominal_peak_tflops, time_calls
+from rfdit.config import compute_dtype
 from rfdit.nn.dit import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 
 MODEL_SETTINGS = ("scan_unroll", "remat", "attention", "residual_dtype")  # rfdit.DiT's
@@ -114,7 +115,7 @@ def compiled_variant(variant: dict[str, Any], cfg: rfdit.DiTConfig, dtype: str, 
     """(a no-argument call that runs one step of this variant's own executable, its resolved
     settings, its compile time in seconds)."""
     if "precision" in variant:
-        dtype = "bfloat16" if variant["precision"] == "bf16" else "float32"
+        dtype = compute_dtype(variant["precision"])
     model = rfdit.DiT(cfg, key=jr.key(seed), dtype=dtype, **{k: variant[k] for k in MODEL_SETTINGS if k in variant})
     optim = rfdit.OptimConfig()
     optimizer = rfdit.make_optimizer(optim)
@@ -133,15 +134,15 @@ def compiled_variant(variant: dict[str, Any], cfg: rfdit.DiTConfig, dtype: str, 
         holder[0], metrics = compiled(holder[0], images, labels)
         return metrics
 
-    settings = {"dtype": dtype, "attention": model.attention or "default", "scan_unroll": model.scan_unroll, "remat": model.remat,
-                "residual_dtype": model.residual_dtype, "grad_accum": step.micro_batches(model, images.shape[0]),
+    settings = {"dtype": dtype, "attention": model.attention or "default", "scan_unroll": model.scan_unroll,
+                "remat": model.remat, "residual_dtype": model.residual_dtype, "grad_accum": step.micro_batches(model, images.shape[0]),
                 "xla": variant["xla"]}
     return call, settings, compile_s
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = tyro.cli(Args, args=argv, use_underscores=True)
-    dtype = "bfloat16" if args.precision == "bf16" else "float32"
+    dtype = compute_dtype(args.precision)
     matmul_precision = benchmark_matmul_precision(dtype)
     with jax.default_matmul_precision(matmul_precision):  # for this comparison only, not the process
         return compare(args, dtype, matmul_precision)

@@ -42,6 +42,7 @@ import tyro
 
 import rfdit
 from rfdit.benchmarking import CORE_CONFIGS, matmul_peak_tflops, time_calls
+from rfdit.config import compute_dtype
 
 
 @dataclasses.dataclass
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
         return info
 
     # rfdit: the same objective (log-normal t, the original's clip), its own step
-    dtype = "bfloat16" if args.precision == "bf16" else "float32"
+    dtype = compute_dtype(args.precision)
     model = rfdit.DiT(cfg, key=model_key, dtype=dtype, scan_unroll=args.scan_unroll, remat=args.remat)
     optim = rfdit.OptimConfig()
     optimizer = rfdit.make_optimizer(optim)
@@ -196,8 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
         "device": f"{device.device_kind} x{jax.device_count()}",
         "config": args.config,
         "model": {**spec, "batch_size": batch_size},
-        "rfdit_settings": {"precision": args.precision, "steps_per_call": k, "scan_unroll": model.scan_unroll, "remat": model.remat,
-                           "grad_accum": step.micro_batches(model, batch_size)},
+        "rfdit_settings": {"precision": args.precision, "steps_per_call": k, "scan_unroll": model.scan_unroll,
+                           "remat": model.remat, "grad_accum": step.micro_batches(model, batch_size)},
         "compile_s": compile_s,
         "original_ms_per_step": round(orig_ms, 3),
         "rfdit_ms_per_step": round(our_ms, 3),

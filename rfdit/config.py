@@ -29,6 +29,13 @@ for _name, (_h, _d, _n) in _SIZES.items():
 TIME_CONVENTIONS = ("rfdit", "repa")
 
 
+def compute_dtype(precision: str) -> str:
+    """The matmul compute dtype that a `--precision` setting ("float32" or "bf16") names."""
+    if precision not in ("float32", "bf16"):
+        raise ValueError(f"precision (={precision!r}) must be 'float32' or 'bf16'.")
+    return "bfloat16" if precision == "bf16" else "float32"
+
+
 def _check_positive(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)

@@ -27,7 +27,7 @@ import numpy as np
 from . import plots
 from .cli import run_cli
 from .checkpoint import Checkpointer, CheckpointError, export_model, load_export
-from .config import PRESETS, DiTConfig, FlowConfig, OptimConfig, SamplerConfig
+from .config import PRESETS, DiTConfig, FlowConfig, OptimConfig, SamplerConfig, compute_dtype
 from .data import load_dataset
 from .data.digits import LEVELS as DIGITS_LEVELS
 from .data.latents import LatentBatches, read_latents_meta
@@ -537,7 +537,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
     model_key, state_key, sample_key = jr.split(key, 3)
     optimizer = make_optimizer(run.optim)
     with jax.numpy_dtype_promotion("standard"):
-        model = DiT(run.model, key=model_key, dtype="bfloat16" if run.precision == "bf16" else "float32",
+        model = DiT(run.model, key=model_key, dtype=compute_dtype(run.precision),
                     remat=run.remat, scan_unroll=run.scan_unroll, attention=run.attention,
                     residual_dtype=run.residual_dtype)
         state = TrainState.create(model, optimizer, key=state_key)

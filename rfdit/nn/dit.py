@@ -188,7 +188,7 @@ def _bf16_product_bf16_backward(x, weight, x_dtype: str, weight_dtype: str):
 
 def _bf16_product_fwd(x, weight, x_dtype, weight_dtype):
     xb, wb = x.astype(jnp.bfloat16), weight.astype(jnp.bfloat16)
-    return jnp.matmul(xb, wb.T, preferred_element_type=jnp.float32), (xb, wb)
+    return _bf16_product(xb, wb), (xb, wb)
 
 
 def _bf16_product_bwd(x_dtype, weight_dtype, residuals, g):

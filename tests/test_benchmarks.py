@@ -115,3 +115,13 @@ def test_bench_variants_bad_variant_says_what_is_accepted(variant, message):
 def test_bench_variants_refuses_a_repeated_variant():
     with pytest.raises(SystemExit, match="must differ"):
         load_script("bench_variants").main(["--variants", "remat=none", "remat=none"])
+
+
+def test_bench_products_times_every_variant():
+    bench = load_script("bench_products")
+    result = bench.main(["--rounds", "1", "--size", "64", "--batch", "2", "--tokens", "4", "--width", "8",
+                         "--hidden", "16", "--attention_batch", "2", "--attention_tokens", "4", "--heads", "1",
+                         "--head_dim", "8"])
+    assert set(result["matmul_tflops"]) == {"float32", "bf16 -> float32", "bf16 -> bf16", "float32 x bf16 -> float32"}
+    assert len(result["linear_ms"]) == 4 and len(result["attention_ms"]) == 2
+    assert all(v > 0 for group in ("matmul_tflops", "linear_ms", "attention_ms") for v in result[group].values())

@@ -144,9 +144,9 @@ def resolve_scan_unroll(scan_unroll: int | None, depth: int, *, sharded_params: 
 
 def _bf16_products_write_float32() -> bool:
     """Whether bf16 products write float32 here: on CPUs. On one with AVX512-BF16 (a 2-core EPYC) XLA
-    multiplied bf16 operands into a float32 result at twice the float32 rate, and at 2.5 times the rate
-    into a bf16 result (BENCHMARKS.md); a CPU without those instructions may run bf16 slower than
-    float32. Accelerators write bf16 (see `Linear`)."""
+    multiplied bf16 operands into a float32 result at 1.8 times the float32 rate and 2.2 times the
+    rate into a bf16 result (experiments/bench_products.py, BENCHMARKS.md); a CPU without those
+    instructions may run bf16 slower than float32. Accelerators write bf16 (see `Linear`)."""
     return jax.default_backend() == "cpu"
 
 
@@ -166,8 +166,8 @@ def _outer_sum_vmap(axis_size: int, in_batched: list[bool], g: Array, x: Array, 
         return jnp.einsum("b...o,b...i->boi", g, x, preferred_element_type=jnp.float32), True
     # One weight for the batch (the loss vmaps the model over examples, inside grad): its gradient sums
     # the batch axis in the same product. The custom VJP's batched rule would form one (o, i) product
-    # per example and sum them afterwards: B times the memory, and for a 1024×256 layer at 16 examples
-    # of 64 tokens 28 ms per forward and backward pass against 6 ms (BENCHMARKS.md). The rule cannot
+    # per example and sum them afterwards: B times the memory, and for a 256→1024 layer at 16 examples
+    # of 64 tokens 23.7 ms per forward and backward pass against 2.8 ms (bench_products.py). The rule cannot
     # tell this vmap from one outside grad, so per-example gradients of one shared weight (vmap of grad,
     # jacrev) would come out summed: `with_bf16_backward` is for losses over a batch.
     return _outer_sum(g, x, weight), False
@@ -308,8 +308,10 @@ def _einsum_attention_forward(q, k, v):
 def _einsum_attention_bf16_backward(q, k, v):
     """`einsum_attention` on bf16 heads, whose backward pass multiplies bf16 operands into float32 (the
     output's cotangent and the logits' gradient rounded to bf16), as `_bf16_product_bf16_backward`
-    does for the linear layers. Autodiff would multiply float32 cotangents by bf16 operands: float32
-    products, 10% of the debug config's step and 7% of hidden256's on a 2-core CPU (BENCHMARKS.md)."""
+    does for the linear layers. Autodiff would multiply float32 cotangents by bf16 operands, at the
+    float32 rate: 1.12 ms against 0.86 per forward and backward pass for the debug config's heads on a
+    2-core CPU (experiments/bench_products.py); its training step went from 1.11x to 1.26x the Flax
+    original's (BENCHMARKS.md)."""
     return einsum_attention(q, k, v)
 
 

@@ -393,6 +393,11 @@ class DiTBlock(eqx.Module):
         # shift/scale/gate for attention, then for the MLP
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(self.modulation(jax.nn.silu(c)), 6)
 
+        # Results that go to elementwise ops (the GELU, the gated residuals) stay in the products'
+        # output dtype: float32 on CPUs, where XLA rounds every bf16 elementwise op through float32
+        # (a tanh-GELU in bf16 is a dozen converts), and the compute dtype elsewhere. qkv's go to
+        # attention's products, in the compute dtype.
+        narrow = not _bf16_products_write_float32()
         h = _modulate(_layer_norm(x), shift_a, scale_a)  # (n, d)
         qkv = self.qkv(h, compute_dtype_out=True)  # (n, 3d) in the compute dtype
         q, k, v = jnp.split(qkv.reshape(n, 3, self.num_heads, d // self.num_heads), 3, axis=1)
@@ -401,10 +406,10 @@ class DiTBlock(eqx.Module):
             q, k = self.q_norm(q.astype(jnp.float32)).astype(q.dtype), self.k_norm(k.astype(jnp.float32)).astype(k.dtype)
         # (n, heads, head_dim); its backward pass in bf16 operands when the block's products have one
         attn = attention(q, k, v, attention_implementation, bf16_backward=self.qkv.bf16_backward)
-        x = _gated_residual(x, gate_a, self.proj(attn.reshape(n, d), compute_dtype_out=True))
+        x = _gated_residual(x, gate_a, self.proj(attn.reshape(n, d), compute_dtype_out=narrow))
 
         h = _modulate(_layer_norm(x), shift_m, scale_m)
-        h = self.fc2(jax.nn.gelu(self.fc1(h, compute_dtype_out=True), approximate=True), compute_dtype_out=True)
+        h = self.fc2(jax.nn.gelu(self.fc1(h, compute_dtype_out=narrow), approximate=True), compute_dtype_out=narrow)
         return _gated_residual(x, gate_m, h)
 
 

@@ -1,4 +1,5 @@
 import functools as ft
+import itertools
 import time
 
 import equinox as eqx
@@ -335,7 +336,8 @@ def test_bf16_linear_sums_its_bias_gradient_in_float32(getkey):
     # Under vmap (as in the DiT) the batch's broadcast of the bias comes after any cast inside the
     # layer: adding in bf16 there summed over the batch in bf16: up to a few per cent off per element.
     # Both cases count: the bias alone (the input's tangent is zero, as for the patch embedding) and
-    # the whole layer (as in training, where the input's tangent is not).
+    # the whole layer (as in training, where the input's tangent is not). The layer of the training
+    # step (`with_bf16_backward`: on CPUs a custom VJP with the bias inside) sums it in float32 too.
     exact = np.asarray(weights.astype(jnp.bfloat16), np.float64).sum(axis=(0, 1))
 
     def apply(l, vmapped):
@@ -344,10 +346,10 @@ def test_bf16_linear_sums_its_bias_gradient_in_float32(getkey):
     def loss(l, vmapped):
         return jnp.sum(apply(l, vmapped).astype(jnp.float32) * weights)
 
-    for vmapped in (False, True):
-        assert apply(layer, vmapped).dtype == jnp.bfloat16
-        bias_alone = jax.grad(lambda b: loss(eqx.tree_at(lambda l: l.bias, layer, b), vmapped))(layer.bias)
-        in_the_layer = jax.grad(loss)(layer, vmapped).bias
+    for vmapped, l in itertools.product((False, True), (layer, with_bf16_backward(layer))):
+        assert apply(l, vmapped).dtype == jnp.bfloat16
+        bias_alone = jax.grad(lambda b: loss(eqx.tree_at(lambda l: l.bias, l, b), vmapped))(l.bias)
+        in_the_layer = jax.grad(loss)(l, vmapped).bias
         for grad in (bias_alone, in_the_layer):
             np.testing.assert_allclose(np.asarray(grad, np.float64), exact, rtol=1e-4, atol=1e-3)
 

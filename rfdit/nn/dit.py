@@ -201,6 +201,51 @@ def _bf16_product_bwd(x_dtype, weight_dtype, residuals, g):
 _bf16_product_bf16_backward.defvjp(_bf16_product_fwd, _bf16_product_bwd)
 
 
+@custom_vmap
+def _leading_sum(g: Array, bias: Array) -> Float[Array, " o"]:
+    """sum over every leading axis of g, in float32: the gradient of `bias` from the output's
+    cotangent. As `_outer_sum`, a batch of examples sharing one bias sums in the same reduction."""
+    return jnp.sum(g.astype(jnp.float32), axis=tuple(range(g.ndim - 1)))
+
+
+@_leading_sum.def_vmap
+def _leading_sum_vmap(axis_size: int, in_batched: list[bool], g: Array, bias: Array):
+    g = g if in_batched[0] else jnp.broadcast_to(g, (axis_size, *g.shape))
+    if in_batched[1]:  # a bias per example: a gradient per example
+        return jnp.sum(g.astype(jnp.float32), axis=tuple(range(1, g.ndim - 1))), True
+    return _leading_sum(g, bias), False
+
+
+@ft.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _bf16_linear_bf16_backward(x, weight, bias, x_dtype: str, weight_dtype: str, out_dtype: str):
+    """x W^T + b from bf16 operands, added in float32 and cast once to `out_dtype`: the CPU form of
+    `Linear` under `with_bf16_backward`. Its backward pass is `_bf16_product_bf16_backward`'s, with
+    the bias gradient summed from the cotangent in float32. The bias and the cast inside the custom
+    VJP keep a bf16 cotangent bf16 on its way to the products: through a separate cast and add,
+    autodiff casts it up to float32 and the product's backward pass rounds it back, two passes over
+    the activations that XLA does not fold."""
+    return _biased(_bf16_product(x, weight), bias, out_dtype)
+
+
+def _biased(y: Float[Array, "... o"], bias: Float[Array, " o"], out_dtype: str) -> Float[Array, "... o"]:
+    return (y + jnp.broadcast_to(bias, y.shape)).astype(out_dtype)
+
+
+def _bf16_linear_fwd(x, weight, bias, x_dtype, weight_dtype, out_dtype):
+    xb, wb = x.astype(jnp.bfloat16), weight.astype(jnp.bfloat16)
+    return _biased(_bf16_product(xb, wb), bias, out_dtype), (xb, wb, bias)
+
+
+def _bf16_linear_bwd(x_dtype, weight_dtype, out_dtype, residuals, g):
+    xb, wb, bias = residuals  # the bias only tells `_leading_sum`, under vmap, whether it is per example
+    gb = g.astype(jnp.bfloat16)
+    dx = jnp.matmul(gb, wb, preferred_element_type=jnp.float32).astype(x_dtype)
+    return dx, _outer_sum(gb, xb, wb).astype(weight_dtype), _leading_sum(g, bias).astype(bias.dtype)
+
+
+_bf16_linear_bf16_backward.defvjp(_bf16_linear_fwd, _bf16_linear_bwd)
+
+
 def product(
     x: Float[Array, "... i"], weight: Float[Array, "o i"], dtype: str, *, bf16_backward: bool = False
 ) -> Float[Array, "... o"]:
@@ -235,8 +280,12 @@ class Linear(eqx.Module):
         (BENCHMARKS.md). On CPUs the product writes float32, and `bf16_backward` (set for training by
         `with_bf16_backward`) keeps the backward pass in bf16 operands."""
         dtype = jnp.dtype(self.dtype)
+        out_dtype = dtype if compute_dtype_out else x.dtype
+        if self.bf16_backward and dtype == jnp.bfloat16 and _bf16_products_write_float32():
+            return _bf16_linear_bf16_backward(x, self.weight, self.bias, str(x.dtype), str(self.weight.dtype),
+                                              str(out_dtype))
         y = product(x, self.weight, self.dtype, bf16_backward=self.bf16_backward)
-        return _add_bias(y, self.bias).astype(dtype if compute_dtype_out else x.dtype)
+        return _add_bias(y, self.bias).astype(out_dtype)
 
 
 def _xavier(key: PRNGKeyArray, out_features: int, in_features: int, dtype: str) -> Linear:

@@ -354,23 +354,26 @@ def _einsum_attention_forward(q, k, v):
 
 
 @jax.custom_vjp
-def _einsum_attention_bf16_backward(q, k, v):
-    """`einsum_attention` on bf16 heads, whose backward pass multiplies bf16 operands into float32 (the
-    output's cotangent and the logits' gradient rounded to bf16), as `_bf16_product_bf16_backward`
-    does for the linear layers. Autodiff would multiply float32 cotangents by bf16 operands, at the
-    float32 rate: 1.12 ms against 0.86 per forward and backward pass for the debug config's heads on a
-    2-core CPU (experiments/bench_products.py); its training step went from 1.11x to 1.26x the Flax
-    original's (BENCHMARKS.md)."""
-    return einsum_attention(q, k, v)
+def _packed_attention_bf16_backward(qkv: Float[Array, "n 3 h d"]) -> Float[Array, "n h d"]:
+    """`einsum_attention` on bf16 heads packed as q, k, v along qkv's second axis (the qkv layer's
+    output), whose backward pass multiplies bf16 operands into float32 (the output's cotangent and
+    the logits' gradient rounded to bf16), as `_bf16_product_bf16_backward` does for the linear
+    layers. Autodiff would multiply float32 cotangents by bf16 operands, at the float32 rate: 1.12 ms
+    against 0.86 per forward and backward pass for the debug config's heads on a 2-core CPU
+    (experiments/bench_products.py); its training step went from 1.11x to 1.26x the Flax original's
+    (BENCHMARKS.md). The three gradients come back packed, rounded to bf16 once: as three bf16
+    gradients, XLA's CPU backend concatenated them through float32 and copied the result twice."""
+    return einsum_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2])
 
 
-def _attention_fwd(q, k, v):
-    out, weights = _einsum_attention_forward(q, k, v)
-    return out, (q, k, v, weights)
+def _attention_fwd(qkv):
+    out, weights = _einsum_attention_forward(qkv[:, 0], qkv[:, 1], qkv[:, 2])
+    return out, (qkv, weights)
 
 
 def _attention_bwd(residuals, g):
-    q, k, v, weights = residuals  # weights: the softmax in bf16, as the forward product used it
+    qkv, weights = residuals  # weights: the softmax in bf16, as the forward product used it
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
     gb = g.astype(v.dtype)
     dv = jnp.einsum("hqk,qhd->khd", weights, gb, preferred_element_type=jnp.float32)
     d_weights = jnp.einsum("qhd,khd->hqk", gb, v, preferred_element_type=jnp.float32)
@@ -379,10 +382,22 @@ def _attention_bwd(residuals, g):
     d_logits = d_logits.astype(q.dtype)
     dq = jnp.einsum("hqk,khd->qhd", d_logits, k, preferred_element_type=jnp.float32)
     dk = jnp.einsum("hqk,qhd->khd", d_logits, q, preferred_element_type=jnp.float32)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    return (jnp.stack([dq, dk, dv], axis=1).astype(qkv.dtype),)
 
 
-_einsum_attention_bf16_backward.defvjp(_attention_fwd, _attention_bwd)
+_packed_attention_bf16_backward.defvjp(_attention_fwd, _attention_bwd)
+
+
+def qkv_attention(
+    qkv: Float[Array, "n 3 h d"], implementation: str | None = None, *, bf16_backward: bool = False
+) -> Float[Array, "n h d"]:
+    """`attention` on q, k, v packed along qkv's second axis, as the qkv layer writes them; the einsum
+    on bf16 heads on CPUs with `bf16_backward` takes them packed (`_packed_attention_bf16_backward`)."""
+    if bf16_backward and qkv.dtype == jnp.bfloat16 and _bf16_products_write_float32() and (
+        resolve_attention(implementation, qkv.dtype, qkv.shape[-1]) == "einsum"
+    ):
+        return _packed_attention_bf16_backward(qkv)
+    return attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], implementation, bf16_backward=bf16_backward)
 
 
 def attention(
@@ -392,11 +407,11 @@ def attention(
     """Softmax attention over one example's tokens (`resolve_attention`). A default cuDNN attention
     that does not apply to these shapes or this build falls back to XLA's; one asked for raises.
     `bf16_backward` gives the einsum on bf16 heads on CPUs a backward pass in bf16 operands
-    (`_einsum_attention_bf16_backward`; see `with_bf16_backward`)."""
+    (`_packed_attention_bf16_backward`; see `with_bf16_backward`)."""
     chosen = resolve_attention(implementation, q.dtype, q.shape[-1])
     if chosen == "einsum":
         if bf16_backward and v.dtype == jnp.bfloat16 and _bf16_products_write_float32():
-            return _einsum_attention_bf16_backward(q, k, v)
+            return _packed_attention_bf16_backward(jnp.stack([q, k, v], axis=1))
         return einsum_attention(q, k, v)
     with jax.numpy_dtype_promotion("standard"):  # jax's XLA attention promotes bf16 logits to f32
         if chosen == "cudnn" and implementation is None:
@@ -449,12 +464,12 @@ class DiTBlock(eqx.Module):
         narrow = not _bf16_products_write_float32()
         h = _modulate(_layer_norm(x), shift_a, scale_a)  # (n, d)
         qkv = self.qkv(h, compute_dtype_out=True)  # (n, 3d) in the compute dtype
-        q, k, v = jnp.split(qkv.reshape(n, 3, self.num_heads, d // self.num_heads), 3, axis=1)
-        q, k, v = q[:, 0], k[:, 0], v[:, 0]  # (n, heads, head_dim) each
+        qkv = qkv.reshape(n, 3, self.num_heads, d // self.num_heads)  # q, k, v: (n, heads, head_dim) each
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q.astype(jnp.float32)).astype(q.dtype), self.k_norm(k.astype(jnp.float32)).astype(k.dtype)
+            q, k = self.q_norm(qkv[:, 0].astype(jnp.float32)), self.k_norm(qkv[:, 1].astype(jnp.float32))
+            qkv = jnp.stack([q.astype(qkv.dtype), k.astype(qkv.dtype), qkv[:, 2]], axis=1)
         # (n, heads, head_dim); its backward pass in bf16 operands when the block's products have one
-        attn = attention(q, k, v, attention_implementation, bf16_backward=self.qkv.bf16_backward)
+        attn = qkv_attention(qkv, attention_implementation, bf16_backward=self.qkv.bf16_backward)
         x = _gated_residual(x, gate_a, self.proj(attn.reshape(n, d), compute_dtype_out=narrow))
 
         h = _modulate(_layer_norm(x), shift_m, scale_m)
@@ -611,7 +626,7 @@ def with_bf16_backward(model: eqx.Module) -> eqx.Module:
     or off CPUs. On CPUs it rules out forward-mode autodiff (jvp, linearize) of the model it returns,
     and per-example gradients of a weight shared by the batch (jax.vmap of jax.grad, jax.jacrev),
     which would come out summed over the batch (`_outer_sum_vmap`). A block's einsum attention follows
-    its qkv layer's flag (`_einsum_attention_bf16_backward`)."""
+    its qkv layer's flag (`_packed_attention_bf16_backward`)."""
     def flag(m):
         if not isinstance(m, (Linear, PatchEmbed)):
             return m

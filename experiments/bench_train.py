@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     key = jr.key(args.seed)
     model_key, state_key, data_key = jr.split(key, 3)
-    unroll = resolve_scan_unroll(args.scan_unroll, cfg.depth, sharded_params=args.fsdp > 1)
+    unroll = resolve_scan_unroll(args.scan_unroll, cfg.depth, sharded_params=args.fsdp > 1, dtype=dtype)
     model = rfdit.DiT(cfg, key=model_key, dtype=dtype, remat=args.remat, scan_unroll=unroll,
                       attention=args.attention, residual_dtype=args.residual_dtype)
     optim = rfdit.OptimConfig()

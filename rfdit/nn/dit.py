@@ -115,13 +115,23 @@ def _gated_residual(x: Float[Array, "n d"], gate: Float[Array, " d"], h: Float[A
     return x + _broadcast_like(gate, x) * h.astype(x.dtype)
 
 
-def resolve_remat(remat: bool | str | None) -> str:
-    """A `remat` setting as one of REMAT_POLICIES' names: True and False mean "full" and "none";
-    None is "dots" on CPUs, where recomputing the cheap activations beat storing them (BENCHMARKS.md:
-    the core configs and the digits run, 7-30% faster per step), and "none" on accelerators, where
-    "dots" ran 8% slower (DiT-B/2 bf16 on an H100, bf16 residual stream)."""
+def _unrolled_bf16_on_cpu(dtype) -> bool:
+    """Whether a model of this compute dtype runs its blocks unrolled and without remat by default:
+    bf16 on CPUs (`resolve_remat`, `resolve_scan_unroll`)."""
+    return jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.bfloat16
+
+
+def resolve_remat(remat: bool | str | None, dtype: str = "float32") -> str:
+    """A `remat` setting as one of REMAT_POLICIES' names: True and False mean "full" and "none".
+
+    None is "none" on accelerators, where "dots" ran 8% slower (DiT-B/2 bf16 on an H100, bf16
+    residual stream), and on CPUs for bf16 models, whose blocks run unrolled there
+    (`resolve_scan_unroll`): the debug config trained 1.1x faster than with a scan and "dots"
+    (BENCHMARKS.md). For float32 models on CPUs it is "dots": recomputing the cheap activations beat
+    storing them in a scan (the core configs and the digits run, 7-30% faster per step), and unrolled
+    float32 blocks ran slower, their weight gradients' transposes fused with elementwise chains."""
     if remat is None:
-        return "dots" if jax.default_backend() == "cpu" else "none"
+        return "dots" if jax.default_backend() == "cpu" and not _unrolled_bf16_on_cpu(dtype) else "none"
     if isinstance(remat, bool):
         return "full" if remat else "none"
     if remat not in REMAT_POLICIES:
@@ -129,14 +139,19 @@ def resolve_remat(remat: bool | str | None) -> str:
     return remat
 
 
-def resolve_scan_unroll(scan_unroll: int | None, depth: int, *, sharded_params: bool = False) -> int:
-    """Blocks unrolled per scan iteration: None is 1 on CPUs, where unrolled blocks ran slower (XLA
-    fuses the residual gradients into strided transposes; BENCHMARKS.md), and with sharded
-    parameters (FSDP), where a scan gathers one block's weights at a time; elsewhere the full depth,
-    which trained DiT-B/2 1.6x faster on an H100 (169 -> 106 ms) and 18% faster on an H200, for a
-    compile of 25-40 s instead of 10."""
+def resolve_scan_unroll(
+    scan_unroll: int | None, depth: int, *, sharded_params: bool = False, dtype: str = "float32"
+) -> int:
+    """Blocks unrolled per scan iteration. None is 1 with sharded parameters (FSDP), where a scan
+    gathers one block's weights at a time, and for float32 models on CPUs (see `resolve_remat`).
+    Elsewhere it is the full depth: DiT-B/2 trained 1.6x faster on an H100 (169 -> 106 ms) and 18%
+    faster on an H200, for a compile of 25-40 s instead of 10; bf16 models on CPUs, where a scan's
+    stacked activations (zeroed, copied, written and read back once per step) cost more than
+    recomputing them, trained the core configs 1.1x faster unrolled and without remat."""
     if scan_unroll is None:
-        return 1 if jax.default_backend() == "cpu" or sharded_params else depth
+        if sharded_params or (jax.default_backend() == "cpu" and not _unrolled_bf16_on_cpu(dtype)):
+            return 1
+        return depth
     if scan_unroll < 1:
         raise ValueError(f"scan_unroll (={scan_unroll}) must be >= 1.")
     return min(scan_unroll, depth)
@@ -155,6 +170,8 @@ def _outer_sum(g: Array, x: Array, weight: Array) -> Float[Array, "o i"]:
     """sum over every leading axis of g ⊗ x, in float32: the gradient (o, i) of `weight` from the
     output's cotangent (..., o) and the input (..., i). `weight` only says, under vmap, whether each
     example has its own (`_outer_sum_vmap`)."""
+    if g.dtype == jnp.float32 and x.shape[-1] < g.shape[-1]:  # transpose the narrower operand
+        return jnp.einsum("...i,...o->io", x, g).T  # (XLA's CPU fallback for dots rejects bf16 here)
     return jnp.einsum("...o,...i->oi", g, x, preferred_element_type=jnp.float32)
 
 
@@ -244,6 +261,31 @@ def _bf16_linear_bwd(x_dtype, weight_dtype, out_dtype, residuals, g):
 
 
 _bf16_linear_bf16_backward.defvjp(_bf16_linear_fwd, _bf16_linear_bwd)
+
+
+@ft.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _patch_product_bf16(patches: Float[Array, "n k"], weight: Float[Array, "o k"], patches_dtype: str) -> Float[Array, "n o"]:
+    """The patch embedding's product from bf16 operands into float32 (`_bf16_product`), whose weight
+    gradient is summed in float32 as (patches^T g)^T (`_outer_sum`): the transposed operand is the
+    narrow patches (n, p²C), not the cotangent (n, o). Transposing the cotangent, XLA's CPU backend
+    fused the whole residual stream's gradient into that strided copy once the blocks were unrolled:
+    8.7 ms of a 23 ms step for the debug config. At k = p²C the float32 product costs next to
+    nothing. The patches are data: their gradient is zeros."""
+    return _bf16_product(patches, weight)
+
+
+def _patch_product_fwd(patches, weight, patches_dtype):
+    xb = patches.astype(jnp.bfloat16)
+    return _bf16_product(xb, weight), (xb, weight)
+
+
+def _patch_product_bwd(patches_dtype, residuals, g):
+    xb, weight = residuals
+    dw = _outer_sum(g.astype(jnp.float32), xb.astype(jnp.float32), weight)
+    return jnp.zeros(xb.shape, patches_dtype), dw.astype(weight.dtype)
+
+
+_patch_product_bf16.defvjp(_patch_product_fwd, _patch_product_bwd)
 
 
 def product(
@@ -496,7 +538,10 @@ class PatchEmbed(eqx.Module):
         patches = x.reshape(height // p, p, width // p, p, channels).transpose(0, 2, 1, 3, 4)
         patches = patches.reshape(-1, p * p * channels)  # (n, p*p*C), row-major over (h, w)
         w = self.weight.reshape(self.weight.shape[0], -1)
-        y = product(patches, w, self.dtype, bf16_backward=self.bf16_backward)  # see Linear
+        if self.bf16_backward and jnp.dtype(self.dtype) == jnp.bfloat16 and _bf16_products_write_float32():
+            y = _patch_product_bf16(patches, w, str(patches.dtype))
+        else:
+            y = product(patches, w, self.dtype, bf16_backward=self.bf16_backward)  # see Linear
         return _add_bias(y, self.bias).astype(x.dtype)
 
 
@@ -524,13 +569,13 @@ class DiT(eqx.Module):
 
         `remat` chooses what each block keeps for the backward pass: "none" keeps every
         activation; "dots" keeps only the outputs of the linear layers and recomputes the
-        rest (LayerNorm, modulation, attention, GELU), which is less memory and, on CPUs,
-        faster (BENCHMARKS.md); "full" keeps only the block's input (least memory, about a
+        rest (LayerNorm, modulation, attention, GELU), which is less memory and, for float32 on
+        CPUs, faster (BENCHMARKS.md); "full" keeps only the block's input (least memory, about a
         third more compute). True and False mean "full" and "none"; None (the default) is
-        "dots" on CPUs and "none" elsewhere (`resolve_remat`).
+        "dots" for float32 on CPUs and "none" otherwise (`resolve_remat`).
 
-        `scan_unroll` unrolls that many blocks per scan iteration; None (the default) is 1 on
-        CPUs and the full depth elsewhere (`resolve_scan_unroll`).
+        `scan_unroll` unrolls that many blocks per scan iteration; None (the default) is 1 for
+        float32 on CPUs and the full depth otherwise (`resolve_scan_unroll`).
 
         `attention` is one of ATTENTION_IMPLEMENTATIONS ("einsum", "xla", "cudnn"); None (the
         default) is the backend's choice when the model runs (`resolve_attention`).
@@ -544,7 +589,7 @@ class DiT(eqx.Module):
         for name, value in (("compute dtype", dtype), ("residual_dtype", residual_dtype)):
             if value not in ("float32", "bfloat16"):
                 raise ValueError(f"{name} (={value!r}) must be 'float32' or 'bfloat16'.")
-        remat = resolve_remat(remat)
+        remat = resolve_remat(remat, dtype)
         if attention is not None:
             resolve_attention(attention, dtype, config.hidden_size // config.num_heads)  # a bad name fails here
         cfg = config
@@ -563,7 +608,7 @@ class DiT(eqx.Module):
         self.final_linear = _zeros(p * p * cfg.out_channels, h, dtype)
         self.config = cfg
         self.remat = remat
-        self.scan_unroll = resolve_scan_unroll(scan_unroll, cfg.depth)
+        self.scan_unroll = resolve_scan_unroll(scan_unroll, cfg.depth, dtype=dtype)
         self.attention = attention
         self.residual_dtype = residual_dtype
 

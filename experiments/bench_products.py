@@ -14,8 +14,9 @@ is timed in interleaved rounds in one process; the figures are medians over roun
    same custom VJP but a weight gradient formed per example and summed afterwards (what a custom VJP
    gives under vmap without rfdit's batch-summing rule).
 3. `attention`: rfdit's einsum attention per example under `jax.vmap` (default: the debug config's
-   128 examples of 16 tokens, 2 heads of 32), forward and backward, bf16 heads: plain autodiff
-   against the bf16 backward pass.
+   128 examples of 16 tokens, 2 heads of 32) on q, k, v packed as the qkv layer writes them
+   (`rfdit.nn.dit.qkv_attention`), forward and backward, bf16 heads: plain autodiff against the
+   bf16 backward pass.
 
 The last line is one JSON object.
 """
@@ -123,13 +124,16 @@ def linear_calls(args: Args, key) -> dict:
 
 
 def attention_calls(args: Args, key) -> dict:
+    qkv_key, g_key = jr.split(key)
     shape = (args.attention_batch, args.attention_tokens, args.heads, args.head_dim)
-    q, k, v, g = (a.astype(jnp.bfloat16) for a in jr.normal(key, (4, *shape)))
+    # q, k, v packed along the second axis, as the DiT block's qkv layer writes them
+    qkv = jr.normal(qkv_key, (shape[0], shape[1], 3, *shape[2:])).astype(jnp.bfloat16)
+    g = jr.normal(g_key, shape).astype(jnp.bfloat16)
     calls = {}
     for name, flag in (("bf16, autodiff", False), ("bf16, bf16 backward (rfdit)", True)):
-        heads = ft.partial(dit.attention, implementation="einsum", bf16_backward=flag)
-        loss = lambda q, k, v, heads=heads: jnp.sum((jax.vmap(heads)(q, k, v) * g).astype(jnp.float32))
-        calls[name] = ft.partial(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), q, k, v)
+        heads = ft.partial(dit.qkv_attention, implementation="einsum", bf16_backward=flag)
+        loss = lambda qkv, heads=heads: jnp.sum((jax.vmap(heads)(qkv) * g).astype(jnp.float32))
+        calls[name] = ft.partial(jax.jit(jax.grad(loss)), qkv)
     return calls
 
 

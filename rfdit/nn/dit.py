@@ -400,11 +400,10 @@ def _packed_attention_bf16_backward(qkv: Float[Array, "n 3 h d"]) -> Float[Array
     """`einsum_attention` on bf16 heads packed as q, k, v along qkv's second axis (the qkv layer's
     output), whose backward pass multiplies bf16 operands into float32 (the output's cotangent and
     the logits' gradient rounded to bf16), as `_bf16_product_bf16_backward` does for the linear
-    layers. Autodiff would multiply float32 cotangents by bf16 operands, at the float32 rate: 1.12 ms
-    against 0.86 per forward and backward pass for the debug config's heads on a 2-core CPU
-    (experiments/bench_products.py); its training step went from 1.11x to 1.26x the Flax original's
-    (BENCHMARKS.md). The three gradients come back packed, rounded to bf16 once: as three bf16
-    gradients, XLA's CPU backend concatenated them through float32 and copied the result twice."""
+    layers. Autodiff would multiply float32 cotangents by bf16 operands, at the float32 rate, and
+    XLA's CPU backend would slice and concatenate the bf16 heads through float32: 2.3 ms against 0.87
+    per forward and backward pass for the debug config's heads on a 2-core CPU
+    (experiments/bench_products.py). The three gradients come back packed, rounded to bf16 once."""
     return einsum_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2])
 
 

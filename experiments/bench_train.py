@@ -76,9 +76,9 @@ class Args:
     """jax_default_matmul_precision; default: "highest" for float32 (true f32, not TF32), "default" for bf16"""
     fsdp: int = 1
     remat: Literal["none", "dots", "full"] | None = None
-    """what each block keeps for the backward pass (see rfdit.DiT; default "dots" on CPUs, else "none")"""
+    """what each block keeps for the backward pass (see rfdit.DiT; default "dots" for float32 on CPUs, else "none")"""
     scan_unroll: int | None = None
-    """blocks unrolled per scan iteration (default: 1 on CPUs or with --fsdp, the full depth elsewhere)"""
+    """blocks unrolled per scan iteration (default: 1 for float32 on CPUs or with --fsdp, the full depth otherwise)"""
     attention: Literal["einsum", "xla", "cudnn"] | None = None
     """attention implementation (see rfdit.nn.dit.resolve_attention; default: cuDNN's for bf16 on GPUs,
     the einsum on CPUs, else XLA's)"""

@@ -61,7 +61,7 @@ class Args:
     scan_unroll: int | None = None
     """rfdit: DiT blocks unrolled per scan iteration"""
     remat: Literal["none", "dots", "full"] | None = None
-    """rfdit: what each block keeps for the backward pass (see rfdit.DiT; default "dots" on CPUs)"""
+    """rfdit: what each block keeps for the backward pass (see rfdit.DiT; default "dots" for float32 on CPUs)"""
     precision: Literal["float32", "bf16"] = "float32"
     """rfdit: the products' compute dtype (the original has float32 only); bf16 keeps the parameters,
     the optimizer and the loss float32"""

@@ -174,11 +174,11 @@ class TrainArgs:
     """shard parameters and optimizer state over this many devices (the rest is data-parallel)"""
     remat: Literal["none", "dots", "full"] | None = None
     """what each block keeps for the backward pass: everything; only its linear layers' outputs (less
-    memory, faster on CPUs); or only its input (least memory, ~1/3 more compute). Default: "dots" on
-    CPUs, "none" elsewhere"""
+    memory, faster for float32 on CPUs); or only its input (least memory, ~1/3 more compute). Default:
+    "dots" for float32 on CPUs, "none" otherwise"""
     scan_unroll: int | None = None
-    """blocks unrolled per scan iteration. Default: 1 on CPUs or with --fsdp, the model's depth elsewhere
-    (faster on GPUs, slower to compile)"""
+    """blocks unrolled per scan iteration. Default: 1 for float32 on CPUs or with --fsdp, the model's depth
+    otherwise (faster on GPUs and for bf16 on CPUs, slower to compile)"""
     attention: Literal["einsum", "xla", "cudnn"] | None = None
     """attention implementation. Default: cuDNN's fused kernel for bf16 on GPUs, the einsum on CPUs, XLA's
     otherwise"""

@@ -670,7 +670,9 @@ def with_bf16_backward(model: eqx.Module) -> eqx.Module:
     or off CPUs. On CPUs it rules out forward-mode autodiff (jvp, linearize) of the model it returns,
     and per-example gradients of a weight shared by the batch (jax.vmap of jax.grad, jax.jacrev),
     which would come out summed over the batch (`_outer_sum_vmap`). A block's einsum attention follows
-    its qkv layer's flag (`_packed_attention_bf16_backward`)."""
+    its qkv layer's flag (`_packed_attention_bf16_backward`); the linear layers add their bias inside
+    their custom VJP (`_bf16_linear_bf16_backward`), and the patch embedding forms its weight gradient
+    in float32 and gives its input (the data) a zero gradient (`_patch_product_bf16`)."""
     def flag(m):
         if not isinstance(m, (Linear, PatchEmbed)):
             return m

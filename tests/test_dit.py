@@ -210,9 +210,33 @@ def test_dit_bf16_backward_products_stay_bf16(getkey):
     linear = [dtypes for ranks, dtypes in dots if min(ranks) <= 3]
     assert len(linear) >= 3 * 5  # x@W, g@W, x^T g for the five linears of the scanned block, and more
     float32 = [dtypes for dtypes in linear if dtypes != ("bfloat16", "bfloat16")]
-    # on CPUs the patch embedding's weight gradient alone is float32 (p²C inputs: next to no work),
-    # formed as patches^T g so that XLA transposes the narrow patches, not the cotangent
-    assert float32 == ([("float32", "float32")] if jax.default_backend() == "cpu" else []), linear
+    # on CPUs the patch embedding's gradients alone are float32 (p²C inputs: next to no work), its
+    # weight's formed as patches^T g so that XLA transposes the narrow patches, not the cotangent;
+    # the input's gradient (the data's) is in the jaxpr, and XLA drops it
+    assert float32 == ([("float32", "float32")] * 2 if jax.default_backend() == "cpu" else []), linear
+
+
+def test_patch_embedding_bf16_backward_matches_float64(getkey):
+    from rfdit.nn.dit import PatchEmbed
+
+    embed = PatchEmbed(0.1 * jr.normal(getkey(), (48, 2, 2, 3)), 0.1 * jr.normal(getkey(), (48,)), 2, "bfloat16")
+    x = jr.normal(getkey(), (6, 8, 8, 3))  # 6 examples of 16 patches of 2x2x3, under vmap
+    g = jr.normal(getkey(), (6, 16, 48))
+
+    def loss(e, x):
+        return jnp.sum(jax.vmap(e)(x) * g)
+
+    de, dx = jax.grad(loss, argnums=(0, 1))(with_bf16_backward(embed), x)
+    # float64 on the bf16-rounded operands of the forward product; the gradients are formed in float32
+    r = lambda a: np.asarray(jnp.asarray(a).astype(jnp.bfloat16), np.float64)
+    patches = r(x).reshape(6, 4, 2, 4, 2, 3).transpose(0, 1, 3, 2, 4, 5).reshape(6, 16, 12)
+    g64 = np.asarray(g, np.float64)
+    np.testing.assert_allclose(de.weight.reshape(48, 12), np.einsum("bno,bnk->ok", g64, patches), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(de.bias, g64.sum((0, 1)), rtol=1e-5, atol=1e-5)
+    dpatches = g64 @ r(embed.weight.reshape(48, 12))
+    np.testing.assert_allclose(dx, dpatches.reshape(6, 4, 4, 2, 2, 3).transpose(0, 1, 3, 2, 4, 5).reshape(6, 8, 8, 3),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(jax.vmap(with_bf16_backward(embed))(x), jax.vmap(embed)(x))  # the same forward pass
 
 
 def test_bf16_backward_rounds_the_cotangent_and_sums_the_batch_in_one_product(getkey):

@@ -269,8 +269,8 @@ def _patch_product_bf16(patches: Float[Array, "n k"], weight: Float[Array, "o k"
     gradient is summed in float32 as (patches^T g)^T (`_outer_sum`): the transposed operand is the
     narrow patches (n, p²C), not the cotangent (n, o). Transposing the cotangent, XLA's CPU backend
     fused the whole residual stream's gradient into that strided copy once the blocks were unrolled:
-    8.7 ms of a 23 ms step for the debug config. At k = p²C the float32 product costs next to
-    nothing. The patches are data: their gradient is zeros."""
+    8.7 ms of a 23 ms step for the debug config. At k = p²C the float32 products cost next to
+    nothing."""
     return _bf16_product(patches, weight)
 
 
@@ -281,8 +281,9 @@ def _patch_product_fwd(patches, weight, patches_dtype):
 
 def _patch_product_bwd(patches_dtype, residuals, g):
     xb, weight = residuals
-    dw = _outer_sum(g.astype(jnp.float32), xb.astype(jnp.float32), weight)
-    return jnp.zeros(xb.shape, patches_dtype), dw.astype(weight.dtype)
+    g32 = g.astype(jnp.float32)
+    dx = jnp.matmul(g32, weight.astype(jnp.bfloat16).astype(jnp.float32))  # dropped by XLA when unused
+    return dx.astype(patches_dtype), _outer_sum(g32, xb.astype(jnp.float32), weight).astype(weight.dtype)
 
 
 _patch_product_bf16.defvjp(_patch_product_fwd, _patch_product_bwd)
@@ -671,8 +672,8 @@ def with_bf16_backward(model: eqx.Module) -> eqx.Module:
     and per-example gradients of a weight shared by the batch (jax.vmap of jax.grad, jax.jacrev),
     which would come out summed over the batch (`_outer_sum_vmap`). A block's einsum attention follows
     its qkv layer's flag (`_packed_attention_bf16_backward`); the linear layers add their bias inside
-    their custom VJP (`_bf16_linear_bf16_backward`), and the patch embedding forms its weight gradient
-    in float32 and gives its input (the data) a zero gradient (`_patch_product_bf16`)."""
+    their custom VJP (`_bf16_linear_bf16_backward`), and the patch embedding forms its gradients in
+    float32 (`_patch_product_bf16`)."""
     def flag(m):
         if not isinstance(m, (Linear, PatchEmbed)):
             return m

@@ -267,6 +267,15 @@ def test_bf16_backward_rounds_the_cotangent_and_sums_the_batch_in_one_product(ge
 
     np.testing.assert_allclose(jax.grad(stacked_loss)(weights, x), np.einsum("bto,bti->boi", r(g), r(x)),
                                rtol=1e-5, atol=1e-5)
+    # and a bias per example: each gets its own example's sum
+    biases = 0.1 * jr.normal(getkey(), (16, 24))
+
+    def stacked_bias_loss(biases, x):
+        per_example = lambda b, x: with_bf16_backward(Linear(layer.weight, b, "bfloat16"))(x)
+        return jnp.sum(jax.vmap(per_example)(biases, x) * g)
+
+    np.testing.assert_allclose(jax.grad(stacked_bias_loss)(biases, x), np.asarray(g, np.float64).sum(1),
+                               rtol=1e-5, atol=1e-5)
     # the same forward pass as the unflagged layer, whose forward-mode autodiff still works
     np.testing.assert_array_equal(jax.vmap(flagged)(x), jax.vmap(layer)(x))
     jax.linearize(jax.vmap(layer), x)
@@ -304,6 +313,23 @@ def test_einsum_attention_matches_a_float64_reference_and_jax_attention(getkey):
     ours = einsum_attention(q, k, v)
     assert ours.dtype == jnp.bfloat16
     assert _relative_error(ours, _attention_float64(q, k, v)) < 3e-3
+
+
+def test_qkv_attention_on_packed_heads_equals_attention_on_split_heads(getkey):
+    from rfdit.nn.dit import attention, qkv_attention
+
+    qkv = (3 * jr.normal(getkey(), (8, 16, 3, 2, 32))).astype(jnp.bfloat16)  # 8 examples, packed as the qkv layer writes
+    g = jr.normal(getkey(), (8, 16, 2, 32))
+    for flag in (False, True):
+        packed = lambda qkv, flag=flag: jnp.sum(
+            jax.vmap(ft.partial(qkv_attention, implementation="einsum", bf16_backward=flag))(qkv).astype(jnp.float32) * g)
+        split = lambda qkv, flag=flag: jnp.sum(jax.vmap(
+            lambda a: attention(a[:, 0], a[:, 1], a[:, 2], "einsum", bf16_backward=flag))(qkv).astype(jnp.float32) * g)
+        np.testing.assert_array_equal(packed(qkv), split(qkv))
+        np.testing.assert_array_equal(jax.grad(packed)(qkv), jax.grad(split)(qkv))
+    # an implementation other than the einsum goes through `attention` on the split heads
+    xla = jax.vmap(ft.partial(qkv_attention, implementation="xla", bf16_backward=True))(qkv)
+    np.testing.assert_array_equal(xla, jax.vmap(lambda a: attention(a[:, 0], a[:, 1], a[:, 2], "xla"))(qkv))
 
 
 def test_bf16_attention_backward_takes_bf16_operands_and_stays_close(getkey):

@@ -126,7 +126,7 @@ def resolve_remat(remat: bool | str | None, dtype: str = "float32") -> str:
 
     None is "none" on accelerators, where "dots" ran 8% slower (DiT-B/2 bf16 on an H100, bf16
     residual stream), and on CPUs for bf16 models, whose blocks run unrolled there
-    (`resolve_scan_unroll`): the debug config trained 1.1x faster than with a scan and "dots"
+    (`resolve_scan_unroll`): the core configs trained 1.05-1.1x faster than with a scan and "dots"
     (BENCHMARKS.md). For float32 models on CPUs it is "dots": recomputing the cheap activations beat
     storing them in a scan (the core configs and the digits run, 7-30% faster per step), and unrolled
     float32 blocks ran slower, their weight gradients' transposes fused with elementwise chains."""
@@ -312,10 +312,12 @@ class Linear(eqx.Module):
     dtype: str = eqx.field(static=True, default="float32")
     bf16_backward: bool = eqx.field(static=True, default=False)
 
-    def __call__(self, x: Float[Array, "... in"], *, compute_dtype_out: bool = False) -> Float[Array, "... out"]:
+    def __call__(
+        self, x: Float[Array, "... in"], *, compute_dtype_out: bool = False, out_dtype: str | None = None
+    ) -> Float[Array, "... out"]:
         """The product accumulates in float32 (`product`). `compute_dtype_out` returns the result in the
-        compute dtype (halving the memory traffic of wide activations under bf16); otherwise it comes
-        back in the input's dtype.
+        compute dtype (halving the memory traffic of wide activations under bf16), `out_dtype` in
+        that dtype; otherwise it comes back in the input's dtype.
 
         On accelerators a bf16 product also writes bf16, as under PyTorch's autocast: a float32 output
         would make the backward pass's products float32 too (the cotangent is float32), and on an H100
@@ -323,7 +325,7 @@ class Linear(eqx.Module):
         (BENCHMARKS.md). On CPUs the product writes float32, and `bf16_backward` (set for training by
         `with_bf16_backward`) keeps the backward pass in bf16 operands."""
         dtype = jnp.dtype(self.dtype)
-        out_dtype = dtype if compute_dtype_out else x.dtype
+        out_dtype = jnp.dtype(out_dtype) if out_dtype is not None else dtype if compute_dtype_out else x.dtype
         if self.bf16_backward and dtype == jnp.bfloat16 and _bf16_products_write_float32():
             return _bf16_linear_bf16_backward(x, self.weight, self.bias, str(x.dtype), str(self.weight.dtype),
                                               str(out_dtype))
@@ -452,7 +454,7 @@ def attention(
     (`_packed_attention_bf16_backward`; see `with_bf16_backward`)."""
     chosen = resolve_attention(implementation, q.dtype, q.shape[-1])
     if chosen == "einsum":
-        if bf16_backward and v.dtype == jnp.bfloat16 and _bf16_products_write_float32():
+        if bf16_backward and q.dtype == k.dtype == v.dtype == jnp.bfloat16 and _bf16_products_write_float32():
             return _packed_attention_bf16_backward(jnp.stack([q, k, v], axis=1))
         return einsum_attention(q, k, v)
     with jax.numpy_dtype_promotion("standard"):  # jax's XLA attention promotes bf16 logits to f32
@@ -503,7 +505,7 @@ class DiTBlock(eqx.Module):
         # output dtype: float32 on CPUs, where XLA rounds every bf16 elementwise op through float32
         # (a tanh-GELU in bf16 is a dozen converts), and the compute dtype elsewhere. qkv's go to
         # attention's products, in the compute dtype.
-        narrow = not _bf16_products_write_float32()
+        out = dict(out_dtype="float32") if _bf16_products_write_float32() else dict(compute_dtype_out=True)
         h = _modulate(_layer_norm(x), shift_a, scale_a)  # (n, d)
         qkv = self.qkv(h, compute_dtype_out=True)  # (n, 3d) in the compute dtype
         qkv = qkv.reshape(n, 3, self.num_heads, d // self.num_heads)  # q, k, v: (n, heads, head_dim) each
@@ -512,10 +514,10 @@ class DiTBlock(eqx.Module):
             qkv = jnp.stack([q.astype(qkv.dtype), k.astype(qkv.dtype), qkv[:, 2]], axis=1)
         # (n, heads, head_dim); its backward pass in bf16 operands when the block's products have one
         attn = qkv_attention(qkv, attention_implementation, bf16_backward=self.qkv.bf16_backward)
-        x = _gated_residual(x, gate_a, self.proj(attn.reshape(n, d), compute_dtype_out=narrow))
+        x = _gated_residual(x, gate_a, self.proj(attn.reshape(n, d), **out))
 
         h = _modulate(_layer_norm(x), shift_m, scale_m)
-        h = self.fc2(jax.nn.gelu(self.fc1(h, compute_dtype_out=narrow), approximate=True), compute_dtype_out=narrow)
+        h = self.fc2(jax.nn.gelu(self.fc1(h, **out), approximate=True), **out)
         return _gated_residual(x, gate_m, h)
 
 
@@ -653,7 +655,8 @@ def with_compute_dtype(
 ) -> DiT:
     """The same weights, with matmuls computed in `dtype` ("float32" or "bfloat16") and,
     when given, block rematerialisation, scan unrolling, the attention implementation and the
-    residual stream's dtype changed."""
+    residual stream's dtype changed. Those not given are kept as `model` has them, even where the
+    new dtype's defaults differ (`resolve_remat`, `resolve_scan_unroll`)."""
     remat = model.remat if remat is None else remat
     scan_unroll = model.scan_unroll if scan_unroll is None else scan_unroll
     attention = model.attention if attention is None else attention
@@ -669,8 +672,8 @@ def with_bf16_backward(model: eqx.Module) -> eqx.Module:
     """`model` with the backward pass of its bf16 products in bf16 operands as well (`product`), for
     a training loss over a batch: `rfdit.TrainStep` differentiates this. It changes nothing in float32
     or off CPUs. On CPUs it rules out forward-mode autodiff (jvp, linearize) of the model it returns,
-    and per-example gradients of a weight shared by the batch (jax.vmap of jax.grad, jax.jacrev),
-    which would come out summed over the batch (`_outer_sum_vmap`). A block's einsum attention follows
+    and per-example gradients of a weight or bias shared by the batch (jax.vmap of jax.grad,
+    jax.jacrev), which would come out summed over the batch (`_outer_sum_vmap`, `_leading_sum_vmap`). A block's einsum attention follows
     its qkv layer's flag (`_packed_attention_bf16_backward`); the linear layers add their bias inside
     their custom VJP (`_bf16_linear_bf16_backward`), and the patch embedding forms its gradients in
     float32 (`_patch_product_bf16`)."""

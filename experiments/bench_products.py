@@ -82,7 +82,12 @@ def _summed_afterwards_bwd(residuals, g):
     return dx, jnp.einsum("...o,...i->oi", gb, xb, preferred_element_type=jnp.float32)
 
 
-_summed_afterwards.defvjp(lambda x, w: dit._bf16_product_fwd(x, w, "float32", "float32"), _summed_afterwards_bwd)
+def _summed_afterwards_fwd(x, weight):
+    xb, wb = x.astype(jnp.bfloat16), weight.astype(jnp.bfloat16)
+    return dit._bf16_product(xb, wb), (xb, wb)
+
+
+_summed_afterwards.defvjp(_summed_afterwards_fwd, _summed_afterwards_bwd)
 
 
 def matmul_calls(size: int, key) -> dict:

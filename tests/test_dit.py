@@ -395,7 +395,7 @@ def test_bf16_linear_sums_its_bias_gradient_in_float32(getkey):
     exact = np.asarray(weights.astype(jnp.bfloat16), np.float64).sum(axis=(0, 1))
 
     def apply(l, vmapped):
-        return jax.vmap(ft.partial(l, compute_dtype_out=True))(x) if vmapped else l(x, compute_dtype_out=True)
+        return jax.vmap(ft.partial(l, out_dtype=l.dtype))(x) if vmapped else l(x, out_dtype=l.dtype)
 
     def loss(l, vmapped):
         return jnp.sum(apply(l, vmapped).astype(jnp.float32) * weights)

@@ -194,30 +194,6 @@ def _bf16_product(x: Float[Array, "... i"], weight: Float[Array, "o i"]) -> Floa
     return jnp.matmul(x.astype(jnp.bfloat16), weight.T.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
 
 
-@ft.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _bf16_product_bf16_backward(x, weight, x_dtype: str, weight_dtype: str):
-    """x W^T from bf16 operands into float32, whose backward pass rounds the cotangent to bf16 and
-    multiplies bf16 operands into float32 as well, as the forward pass does and as under PyTorch's
-    autocast (`Linear`). Autodiff would multiply the float32 cotangent by the bf16 operands, which XLA
-    runs as float32 products: at half the speed on CPUs."""
-    return _bf16_product(x, weight)
-
-
-def _bf16_product_fwd(x, weight, x_dtype, weight_dtype):
-    xb, wb = x.astype(jnp.bfloat16), weight.astype(jnp.bfloat16)
-    return _bf16_product(xb, wb), (xb, wb)
-
-
-def _bf16_product_bwd(x_dtype, weight_dtype, residuals, g):
-    xb, wb = residuals
-    gb = g.astype(jnp.bfloat16)
-    dx = jnp.matmul(gb, wb, preferred_element_type=jnp.float32).astype(x_dtype)
-    return dx, _outer_sum(gb, xb, wb).astype(weight_dtype)
-
-
-_bf16_product_bf16_backward.defvjp(_bf16_product_fwd, _bf16_product_bwd)
-
-
 @custom_vmap
 def _leading_sum(g: Array, bias: Array) -> Float[Array, " o"]:
     """sum over every leading axis of g, in float32: the gradient of `bias` from the output's
@@ -236,11 +212,14 @@ def _leading_sum_vmap(axis_size: int, in_batched: list[bool], g: Array, bias: Ar
 @ft.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _bf16_linear_bf16_backward(x, weight, bias, x_dtype: str, weight_dtype: str, out_dtype: str):
     """x W^T + b from bf16 operands, added in float32 and cast once to `out_dtype`: the CPU form of
-    `Linear` under `with_bf16_backward`. Its backward pass is `_bf16_product_bf16_backward`'s, with
-    the bias gradient summed from the cotangent in float32. The bias and the cast inside the custom
-    VJP keep a bf16 cotangent bf16 on its way to the products: through a separate cast and add,
-    autodiff casts it up to float32 and the product's backward pass rounds it back, two passes over
-    the activations that XLA does not fold."""
+    `Linear` under `with_bf16_backward`. Its backward pass rounds the cotangent to bf16 and
+    multiplies bf16 operands into float32 as well, as the forward pass does and as under PyTorch's
+    autocast; autodiff would multiply the float32 cotangent by the bf16 operands, which XLA runs as
+    float32 products, at half the speed on CPUs. The weight gradient sums the batch in one product
+    (`_outer_sum`), the bias gradient in one float32 sum (`_leading_sum`). The bias and the cast
+    inside the custom VJP keep a bf16 cotangent bf16 on its way to the products: through a separate
+    cast and add, autodiff casts it up to float32 and the backward pass rounds it back, two passes
+    over the activations that XLA does not fold."""
     return _biased(_bf16_product(x, weight), bias, out_dtype)
 
 
@@ -289,17 +268,13 @@ def _patch_product_bwd(patches_dtype, residuals, g):
 _patch_product_bf16.defvjp(_patch_product_fwd, _patch_product_bwd)
 
 
-def product(
-    x: Float[Array, "... i"], weight: Float[Array, "o i"], dtype: str, *, bf16_backward: bool = False
-) -> Float[Array, "... o"]:
+def product(x: Float[Array, "... i"], weight: Float[Array, "o i"], dtype: str) -> Float[Array, "... o"]:
     """x W^T computed in `dtype`, accumulated in float32. With bf16 operands the result is float32 on
-    CPUs (`_bf16_products_write_float32`) and bf16 elsewhere; `bf16_backward` gives the CPU product a
-    backward pass in bf16 operands too (`_bf16_product_bf16_backward`: a custom VJP, so not for
-    forward-mode autodiff). On accelerators a bf16 result already makes the backward pass bf16."""
+    CPUs (`_bf16_products_write_float32`) and bf16 elsewhere, where a bf16 result already makes the
+    backward pass bf16; on CPUs the training step's layers get that from custom VJPs
+    (`with_bf16_backward`)."""
     dtype = jnp.dtype(dtype)
     if dtype == jnp.bfloat16 and _bf16_products_write_float32():
-        if bf16_backward:
-            return _bf16_product_bf16_backward(x, weight, str(x.dtype), str(weight.dtype))
         return _bf16_product(x, weight)
     return jnp.matmul(x.astype(dtype), weight.T.astype(dtype), preferred_element_type=dtype)
 
@@ -312,25 +287,21 @@ class Linear(eqx.Module):
     dtype: str = eqx.field(static=True, default="float32")
     bf16_backward: bool = eqx.field(static=True, default=False)
 
-    def __call__(
-        self, x: Float[Array, "... in"], *, compute_dtype_out: bool = False, out_dtype: str | None = None
-    ) -> Float[Array, "... out"]:
-        """The product accumulates in float32 (`product`). `compute_dtype_out` returns the result in the
-        compute dtype (halving the memory traffic of wide activations under bf16), `out_dtype` in
-        that dtype; otherwise it comes back in the input's dtype.
+    def __call__(self, x: Float[Array, "... in"], *, out_dtype: str | None = None) -> Float[Array, "... out"]:
+        """The product accumulates in float32 (`product`); the result comes back in `out_dtype`, by
+        default the input's dtype (the compute dtype halves the memory traffic of wide activations
+        under bf16).
 
         On accelerators a bf16 product also writes bf16, as under PyTorch's autocast: a float32 output
         would make the backward pass's products float32 too (the cotangent is float32), and on an H100
         those ran as TF32 at half the bf16 rate, 207 ms per DiT-B/2 step against 106 ms
         (BENCHMARKS.md). On CPUs the product writes float32, and `bf16_backward` (set for training by
         `with_bf16_backward`) keeps the backward pass in bf16 operands."""
-        dtype = jnp.dtype(self.dtype)
-        out_dtype = jnp.dtype(out_dtype) if out_dtype is not None else dtype if compute_dtype_out else x.dtype
-        if self.bf16_backward and dtype == jnp.bfloat16 and _bf16_products_write_float32():
+        out_dtype = x.dtype if out_dtype is None else jnp.dtype(out_dtype)
+        if self.bf16_backward and jnp.dtype(self.dtype) == jnp.bfloat16 and _bf16_products_write_float32():
             return _bf16_linear_bf16_backward(x, self.weight, self.bias, str(x.dtype), str(self.weight.dtype),
                                               str(out_dtype))
-        y = product(x, self.weight, self.dtype, bf16_backward=self.bf16_backward)
-        return _add_bias(y, self.bias).astype(out_dtype)
+        return _add_bias(product(x, self.weight, self.dtype), self.bias).astype(out_dtype)
 
 
 def _xavier(key: PRNGKeyArray, out_features: int, in_features: int, dtype: str) -> Linear:
@@ -402,7 +373,7 @@ def _einsum_attention_forward(q, k, v):
 def _packed_attention_bf16_backward(qkv: Float[Array, "n 3 h d"]) -> Float[Array, "n h d"]:
     """`einsum_attention` on bf16 heads packed as q, k, v along qkv's second axis (the qkv layer's
     output), whose backward pass multiplies bf16 operands into float32 (the output's cotangent and
-    the logits' gradient rounded to bf16), as `_bf16_product_bf16_backward` does for the linear
+    the logits' gradient rounded to bf16), as `_bf16_linear_bf16_backward` does for the linear
     layers. Autodiff would multiply float32 cotangents by bf16 operands, at the float32 rate, and
     XLA's CPU backend would slice and concatenate the bf16 heads through float32: 2.3 ms against 0.87
     per forward and backward pass for the debug config's heads on a 2-core CPU
@@ -432,14 +403,20 @@ def _attention_bwd(residuals, g):
 _packed_attention_bf16_backward.defvjp(_attention_fwd, _attention_bwd)
 
 
+def _packed_bf16_backward(chosen: str, dtypes, bf16_backward: bool) -> bool:
+    """Whether attention runs as `_packed_attention_bf16_backward`: the einsum on bf16 heads on CPUs,
+    with `bf16_backward`."""
+    return (bf16_backward and chosen == "einsum" and _bf16_products_write_float32()
+            and all(dtype == jnp.bfloat16 for dtype in dtypes))
+
+
 def qkv_attention(
     qkv: Float[Array, "n 3 h d"], implementation: str | None = None, *, bf16_backward: bool = False
 ) -> Float[Array, "n h d"]:
     """`attention` on q, k, v packed along qkv's second axis, as the qkv layer writes them; the einsum
     on bf16 heads on CPUs with `bf16_backward` takes them packed (`_packed_attention_bf16_backward`)."""
-    if bf16_backward and qkv.dtype == jnp.bfloat16 and _bf16_products_write_float32() and (
-        resolve_attention(implementation, qkv.dtype, qkv.shape[-1]) == "einsum"
-    ):
+    chosen = resolve_attention(implementation, qkv.dtype, qkv.shape[-1])
+    if _packed_bf16_backward(chosen, [qkv.dtype], bf16_backward):
         return _packed_attention_bf16_backward(qkv)
     return attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], implementation, bf16_backward=bf16_backward)
 
@@ -453,9 +430,9 @@ def attention(
     `bf16_backward` gives the einsum on bf16 heads on CPUs a backward pass in bf16 operands
     (`_packed_attention_bf16_backward`; see `with_bf16_backward`)."""
     chosen = resolve_attention(implementation, q.dtype, q.shape[-1])
+    if _packed_bf16_backward(chosen, [q.dtype, k.dtype, v.dtype], bf16_backward):
+        return _packed_attention_bf16_backward(jnp.stack([q, k, v], axis=1))
     if chosen == "einsum":
-        if bf16_backward and q.dtype == k.dtype == v.dtype == jnp.bfloat16 and _bf16_products_write_float32():
-            return _packed_attention_bf16_backward(jnp.stack([q, k, v], axis=1))
         return einsum_attention(q, k, v)
     with jax.numpy_dtype_promotion("standard"):  # jax's XLA attention promotes bf16 logits to f32
         if chosen == "cudnn" and implementation is None:
@@ -505,19 +482,19 @@ class DiTBlock(eqx.Module):
         # output dtype: float32 on CPUs, where XLA rounds every bf16 elementwise op through float32
         # (a tanh-GELU in bf16 is a dozen converts), and the compute dtype elsewhere. qkv's go to
         # attention's products, in the compute dtype.
-        out = dict(out_dtype="float32") if _bf16_products_write_float32() else dict(compute_dtype_out=True)
+        wide = "float32" if _bf16_products_write_float32() else self.fc1.dtype
         h = _modulate(_layer_norm(x), shift_a, scale_a)  # (n, d)
-        qkv = self.qkv(h, compute_dtype_out=True)  # (n, 3d) in the compute dtype
+        qkv = self.qkv(h, out_dtype=self.qkv.dtype)  # (n, 3d) in the compute dtype
         qkv = qkv.reshape(n, 3, self.num_heads, d // self.num_heads)  # q, k, v: (n, heads, head_dim) each
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(qkv[:, 0].astype(jnp.float32)), self.k_norm(qkv[:, 1].astype(jnp.float32))
             qkv = jnp.stack([q.astype(qkv.dtype), k.astype(qkv.dtype), qkv[:, 2]], axis=1)
         # (n, heads, head_dim); its backward pass in bf16 operands when the block's products have one
         attn = qkv_attention(qkv, attention_implementation, bf16_backward=self.qkv.bf16_backward)
-        x = _gated_residual(x, gate_a, self.proj(attn.reshape(n, d), **out))
+        x = _gated_residual(x, gate_a, self.proj(attn.reshape(n, d), out_dtype=wide))
 
         h = _modulate(_layer_norm(x), shift_m, scale_m)
-        h = self.fc2(jax.nn.gelu(self.fc1(h, **out), approximate=True), **out)
+        h = self.fc2(jax.nn.gelu(self.fc1(h, out_dtype=wide), approximate=True), out_dtype=wide)
         return _gated_residual(x, gate_m, h)
 
 
@@ -543,7 +520,7 @@ class PatchEmbed(eqx.Module):
         if self.bf16_backward and jnp.dtype(self.dtype) == jnp.bfloat16 and _bf16_products_write_float32():
             y = _patch_product_bf16(patches, w, str(patches.dtype))
         else:
-            y = product(patches, w, self.dtype, bf16_backward=self.bf16_backward)  # see Linear
+            y = product(patches, w, self.dtype)  # see Linear
         return _add_bias(y, self.bias).astype(x.dtype)
 
 
@@ -669,14 +646,13 @@ def with_compute_dtype(
 
 
 def with_bf16_backward(model: eqx.Module) -> eqx.Module:
-    """`model` with the backward pass of its bf16 products in bf16 operands as well (`product`), for
+    """`model` with the backward pass of its bf16 products in bf16 operands as well, for
     a training loss over a batch: `rfdit.TrainStep` differentiates this. It changes nothing in float32
     or off CPUs. On CPUs it rules out forward-mode autodiff (jvp, linearize) of the model it returns,
     and per-example gradients of a weight or bias shared by the batch (jax.vmap of jax.grad,
-    jax.jacrev), which would come out summed over the batch (`_outer_sum_vmap`, `_leading_sum_vmap`). A block's einsum attention follows
-    its qkv layer's flag (`_packed_attention_bf16_backward`); the linear layers add their bias inside
-    their custom VJP (`_bf16_linear_bf16_backward`), and the patch embedding forms its gradients in
-    float32 (`_patch_product_bf16`)."""
+    jax.jacrev), which would come out summed over the batch (`_outer_sum_vmap`, `_leading_sum_vmap`).
+    The linear layers get `_bf16_linear_bf16_backward`, the patch embedding `_patch_product_bf16`,
+    and a block's einsum attention follows its qkv layer's flag (`_packed_attention_bf16_backward`)."""
     def flag(m):
         if not isinstance(m, (Linear, PatchEmbed)):
             return m

@@ -126,7 +126,7 @@ def resolve_remat(remat: bool | str | None, dtype: str = "float32") -> str:
 
     None is "none" on accelerators, where "dots" ran 8% slower (DiT-B/2 bf16 on an H100, bf16
     residual stream), and on CPUs for bf16 models, whose blocks run unrolled there
-    (`resolve_scan_unroll`): the core configs trained 1.05-1.1x faster than with a scan and "dots"
+    (`resolve_scan_unroll`): the core configs trained 1.08x and 1.18x as fast as with a scan and "dots"
     (BENCHMARKS.md). For float32 models on CPUs it is "dots": recomputing the cheap activations beat
     storing them in a scan (the core configs and the digits run, 7-30% faster per step), and unrolled
     float32 blocks ran slower, their weight gradients' transposes fused with elementwise chains."""
@@ -147,7 +147,7 @@ def resolve_scan_unroll(
     Elsewhere it is the full depth: DiT-B/2 trained 1.6x faster on an H100 (169 -> 106 ms) and 18%
     faster on an H200, for a compile of 25-40 s instead of 10; bf16 models on CPUs, where a scan's
     stacked activations (zeroed, copied, written and read back once per step) cost more than
-    recomputing them, trained the core configs 1.1x faster unrolled and without remat."""
+    recomputing them, trained the core configs 1.08x and 1.18x as fast unrolled and without remat."""
     if scan_unroll is None:
         if sharded_params or (jax.default_backend() == "cpu" and not _unrolled_bf16_on_cpu(dtype)):
             return 1

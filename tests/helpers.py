@@ -4,6 +4,16 @@ import importlib.util
 import pathlib
 import sys
 
+import pytest
+
+# What a test that needs a PyTorch reference says when one is missing: the README's test command installs them all.
+INSTALL_TEST_DEPS = "pip install -r requirements-test.txt && pip install --no-deps torch-fidelity==0.4.0"
+
+
+def require(module: str, why: str):
+    """`module` imported, or the test skipped with a reason that says what is missing and how to get it."""
+    return pytest.importorskip(module, reason=f"{module} is not installed; {why}. Install it with: {INSTALL_TEST_DEPS}")
+
 
 def load_script(name: str):
     """experiments/<name>.py imported as a module, so tests call its `main(argv)` in-process."""

@@ -18,6 +18,7 @@ import scipy.linalg
 
 from rfdit.metrics import fid
 from rfdit.nn import inception
+from helpers import INSTALL_TEST_DEPS, require
 
 REFERENCE_NAME = "inception-v3-compat"
 
@@ -204,10 +205,10 @@ def test_quantize_pixels_matches_uint8_conversion():
 @pytest.fixture(scope="session")
 def torch_fidelity_inception():
     """torch-fidelity's feature_extractor_inceptionv3 module, imported without its package __init__."""
-    pytest.importorskip("torch", reason="the Inception parity tests compare against torch-fidelity (PyTorch)")
+    require("torch", "the Inception parity tests compare against torch-fidelity (PyTorch)")
     spec = importlib.util.find_spec("torch_fidelity")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("torch-fidelity is not installed (pip install --no-deps torch-fidelity)")
+        pytest.skip(f"torch-fidelity is not installed; the Inception parity tests compare against it. Install it with: {INSTALL_TEST_DEPS}")
     # The package __init__ imports torchvision; a bare package with the same __path__ lets the
     # submodules (which need only torch) import.
     if "torch_fidelity" not in sys.modules:

@@ -17,7 +17,7 @@ from rfdit.config import DiTConfig
 from rfdit.importers import convert_state_dict, import_checkpoint, published_state_dict
 from rfdit.sampling import model_velocity
 
-from helpers import load_script
+from helpers import load_script, require
 
 # float32 on both sides; only summation orders differ (oneDNN vs XLA), ~1e-7 relative through these small
 # models, while any layout or wiring mistake gives O(1). 1e-5 is the issue's bar.
@@ -42,7 +42,7 @@ def reference_model(seed: int, *, image_size, patch, in_ch, hidden, depth, heads
     Module names follow the published checkpoints' keys. Every weight is random (adaLN-Zero's zeros would hide
     wiring mistakes in the blocks and the final layer).
     """
-    torch = pytest.importorskip("torch", reason="torch is needed for the PyTorch reference model")
+    torch = require("torch", "the PyTorch reference model needs it")
     nn = torch.nn
     out_ch = 2 * in_ch if learn_sigma else in_ch
     grid = image_size // patch
@@ -266,7 +266,7 @@ def test_import_poisoned_sigma_channels_give_finite_velocity(getkey):
 
 
 def test_import_qk_norm_matches_timm_with_small_queries(getkey):
-    torch = pytest.importorskip("torch", reason="torch is needed for the PyTorch reference model")
+    torch = require("torch", "the PyTorch reference model needs it")
 
     reference = reference_model(1, **REPA_SMALL)
     with torch.no_grad():
@@ -316,7 +316,7 @@ def test_repa_time_flip_gives_the_same_samples_on_gaussian_data(getkey):
 
 
 def test_import_checkpoint_cli_takes_ema_and_reports_projectors(tmp_path):
-    torch = pytest.importorskip("torch", reason="torch is needed to write a PyTorch training checkpoint")
+    torch = require("torch", "writing a PyTorch training checkpoint needs it")
     from safetensors.numpy import load_file
 
     ema = reference_model(1, **REPA_SMALL).state_dict()

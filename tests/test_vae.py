@@ -12,6 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 from rfdit.nn.dit import count_params
 from rfdit.nn.vae import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, AutoencoderKL, StableVAE, VAEConfig
+from helpers import require
 
 # float32 on both sides; only the summation order of convs and matmuls differs (oneDNN vs XLA), which leaves
 # ~1e-6 relative error through these stacks, while any layout or wiring mistake gives O(1). 1e-4 is the
@@ -61,8 +62,8 @@ def relative_error(a, b) -> float:
 
 def diffusers_vae(seed: int, **config):
     """A random diffusers AutoencoderKL whose GroupNorm affines are perturbed away from (1, 0)."""
-    torch = pytest.importorskip("torch", reason="torch is needed for the diffusers parity tests")
-    diffusers = pytest.importorskip("diffusers", reason="diffusers is needed for the parity tests")
+    torch = require("torch", "the diffusers parity tests run diffusers' PyTorch model")
+    diffusers = require("diffusers", "the parity tests compare against diffusers")
     num_blocks = len(config["block_out_channels"])
     torch.manual_seed(seed)
     model = diffusers.AutoencoderKL(
@@ -92,7 +93,7 @@ def nhwc(t):
 
 @pytest.mark.parametrize("case", PARITY_CONFIGS, ids=["rgb-2blocks", "nonsquare-3blocks", "1block-no-attention"])
 def test_autoencoderkl_matches_diffusers(case, tmp_path):
-    import torch
+    torch = require("torch", "the diffusers parity tests run diffusers' PyTorch model")
 
     reference = diffusers_vae(0, **case["config"])
     reference.save_pretrained(tmp_path)
@@ -116,8 +117,8 @@ def test_autoencoderkl_matches_diffusers(case, tmp_path):
 
 
 def test_stablevae_save_pretrained_loads_in_diffusers(tmp_path, getkey):
-    import_diffusers = pytest.importorskip("diffusers", reason="diffusers is needed to read the saved folder")
-    torch = pytest.importorskip("torch", reason="torch is needed to run diffusers")
+    import_diffusers = require("diffusers", "diffusers reads the saved folder")
+    torch = require("torch", "diffusers runs on PyTorch")
     vae = StableVAE.random(TINY, key=getkey())
     vae.save_pretrained(tmp_path)
     reference = import_diffusers.AutoencoderKL.from_pretrained(tmp_path).eval()
@@ -208,7 +209,7 @@ def test_stablevae_loads_legacy_attention_names_and_conv_weights(tmp_path, getke
 
 
 def test_stablevae_reads_bin_only_folder_with_torch(tmp_path, getkey):
-    torch = pytest.importorskip("torch", reason="reading a .bin needs torch")
+    torch = require("torch", "reading a .bin needs torch")
     vae = StableVAE.random(TINY, key=getkey())
     vae.save_pretrained(tmp_path)
     state = {name: torch.from_numpy(value) for name, value in load_file(tmp_path / WEIGHTS_NAME).items()}

@@ -6,16 +6,16 @@ is timed in interleaved rounds in one process; the figures are medians over roun
     python experiments/bench_products.py --rounds 9 --batch 16 --tokens 64 --width 256 --hidden 1024
 
 1. `matmul`: a jitted size×size product, TFLOP/s: float32; bf16 operands into float32 (what
-   `rfdit.nn.dit.product` runs on CPUs); bf16 into bf16 (what it runs on accelerators); float32
+   `rfdit.nn.layers.product` runs on CPUs); bf16 into bf16 (what it runs on accelerators); float32
    times bf16 into float32 (what autodiff multiplies when a bf16 product writes float32).
-2. `linear`: a `rfdit.nn.dit.Linear` (width -> hidden) per example under `jax.vmap`, inside
+2. `linear`: a `rfdit.nn.layers.Linear` (width -> hidden) per example under `jax.vmap`, inside
    `jax.grad` of a loss over the batch, as the training step runs it; ms per forward and backward
-   pass: float32; bf16 with plain autodiff; bf16 with `with_bf16_backward`; and bf16 with the
+   pass: float32; bf16 with plain autodiff; bf16 with the training step's backward rules (`ExecutionPolicy.bf16_backward`); and bf16 with the
    same custom VJP but a weight gradient formed per example and summed afterwards (what a custom VJP
    gives under vmap without rfdit's batch-summing rule).
 3. `attention`: rfdit's einsum attention per example under `jax.vmap` (default: the debug config's
    128 examples of 16 tokens, 2 heads of 32) on q, k, v packed as the qkv layer writes them
-   (`rfdit.nn.dit.qkv_attention`), forward and backward, bf16 heads: plain autodiff against the
+   (`rfdit.nn.layers.qkv_attention`), forward and backward, bf16 heads: plain autodiff against the
    bf16 backward pass.
 
 The last line is one JSON object.
@@ -35,7 +35,9 @@ import jax.random as jr
 import tyro
 
 from rfdit.benchmarking import time_calls
-from rfdit.nn import dit
+from rfdit.nn.grad_rules import bf16_product
+from rfdit.nn.layers import Linear, qkv_attention
+from rfdit.nn.policy import ExecutionPolicy
 
 
 @dataclasses.dataclass
@@ -72,7 +74,7 @@ def interleaved(calls: dict, rounds: int, num_calls: int, seed: int) -> dict[str
 
 @jax.custom_vjp
 def _summed_afterwards(x, weight):
-    return dit._bf16_product(x, weight)
+    return bf16_product(x, weight)
 
 
 def _summed_afterwards_bwd(residuals, g):
@@ -84,7 +86,7 @@ def _summed_afterwards_bwd(residuals, g):
 
 def _summed_afterwards_fwd(x, weight):
     xb, wb = x.astype(jnp.bfloat16), weight.astype(jnp.bfloat16)
-    return dit._bf16_product(xb, wb), (xb, wb)
+    return bf16_product(xb, wb), (xb, wb)
 
 
 _summed_afterwards.defvjp(_summed_afterwards_fwd, _summed_afterwards_bwd)
@@ -111,15 +113,16 @@ def linear_calls(args: Args, key) -> dict:
     g = jr.normal(g_key, (args.batch, args.tokens, args.hidden))
     weight = 0.05 * jr.normal(w_key, (args.hidden, args.width))
     bias = jnp.zeros((args.hidden,))
-    layers = {
-        "float32": dit.Linear(weight, bias),
-        "bf16, autodiff": dit.Linear(weight, bias, "bfloat16"),
-        "bf16, bf16 backward (rfdit)": dit.with_bf16_backward(dit.Linear(weight, bias, "bfloat16")),
+    layer = Linear(weight, bias)
+    policies = {
+        "float32": ExecutionPolicy(),
+        "bf16, autodiff": ExecutionPolicy(compute_dtype="bfloat16"),
+        "bf16, bf16 backward (rfdit)": ExecutionPolicy(compute_dtype="bfloat16", bf16_backward=True),
     }
     calls = {}
-    for name, layer in layers.items():
-        grad = jax.jit(jax.grad(lambda layer, x: jnp.sum(jax.vmap(layer)(x) * g), argnums=(0, 1)))
-        calls[name] = ft.partial(grad, layer, x)
+    for name, policy in policies.items():
+        loss = lambda layer, x, policy=policy: jnp.sum(jax.vmap(lambda x: layer(x, policy))(x) * g)
+        calls[name] = ft.partial(jax.jit(jax.grad(loss, argnums=(0, 1))), layer, x)
 
     def summed_loss(weight, x):
         return jnp.sum(jax.vmap(_summed_afterwards, in_axes=(0, None))(x, weight) * g)
@@ -136,7 +139,7 @@ def attention_calls(args: Args, key) -> dict:
     g = jr.normal(g_key, shape).astype(jnp.bfloat16)
     calls = {}
     for name, flag in (("bf16, autodiff", False), ("bf16, bf16 backward (rfdit)", True)):
-        heads = ft.partial(dit.qkv_attention, implementation="einsum", bf16_backward=flag)
+        heads = ft.partial(qkv_attention, policy=ExecutionPolicy(attention="einsum", bf16_backward=flag))
         loss = lambda qkv, heads=heads: jnp.sum((jax.vmap(heads)(qkv) * g).astype(jnp.float32))
         calls[name] = ft.partial(jax.jit(jax.grad(loss)), qkv)
     return calls

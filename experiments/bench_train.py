@@ -50,7 +50,7 @@ from rfdit.benchmarking import (
 )
 from rfdit.config import compute_dtype
 from rfdit.distributed import global_batch, make_mesh, shard_state
-from rfdit.nn.dit import resolve_scan_unroll
+from rfdit.nn.policy import resolve_scan_unroll
 
 
 @dataclasses.dataclass
@@ -80,7 +80,7 @@ class Args:
     scan_unroll: int | None = None
     """blocks unrolled per scan iteration (default: 1 for float32 on CPUs or with --fsdp, the full depth otherwise)"""
     attention: Literal["einsum", "xla", "cudnn"] | None = None
-    """attention implementation (see rfdit.nn.dit.resolve_attention; default: cuDNN's for bf16 on GPUs,
+    """attention implementation (see rfdit.nn.policy.resolve_attention; default: cuDNN's for bf16 on GPUs,
     the einsum on CPUs, else XLA's)"""
     residual_dtype: Literal["float32", "bfloat16"] = "float32"
     """the residual stream's dtype (see rfdit.DiT)"""
@@ -173,9 +173,9 @@ def main(argv: list[str] | None = None) -> dict:
     result.update({
         "device": f"{device.device_kind} x{jax.device_count()}",
         "config": {**cfg.to_dict(), "batch_size": batch_size, "steps_per_call": k, "precision": args.precision,
-                   "fsdp": args.fsdp, "grad_accum": step.micro_batches(model, batch_size), "remat": model.remat,
-                   "scan_unroll": model.scan_unroll, "attention": model.attention or "default",
-                   "residual_dtype": model.residual_dtype},
+                   "fsdp": args.fsdp, "grad_accum": step.micro_batches(model, batch_size), "remat": model.policy.remat,
+                   "scan_unroll": model.policy.scan_unroll, "attention": model.policy.attention or "default",
+                   "residual_dtype": model.policy.residual_dtype},
         "matmul_precision": matmul_precision,
         "params": cfg.num_params(),
         "gflops_per_img": flops_per_img / 1e9,

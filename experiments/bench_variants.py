@@ -48,7 +48,7 @@ import tyro
 import rfdit
 from rfdit.benchmarking import CORE_CONFIGS, benchmark_matmul_precision, nominal_peak_tflops, time_calls
 from rfdit.config import compute_dtype
-from rfdit.nn.dit import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+from rfdit.nn.policy import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 
 MODEL_SETTINGS = ("scan_unroll", "remat", "attention", "residual_dtype")  # rfdit.DiT's
 STEP_SETTINGS = ("grad_accum",)  # rfdit.TrainStep's
@@ -134,8 +134,9 @@ def compiled_variant(variant: dict[str, Any], cfg: rfdit.DiTConfig, dtype: str, 
         holder[0], metrics = compiled(holder[0], images, labels)
         return metrics
 
-    settings = {"dtype": dtype, "attention": model.attention or "default", "scan_unroll": model.scan_unroll,
-                "remat": model.remat, "residual_dtype": model.residual_dtype, "grad_accum": step.micro_batches(model, images.shape[0]),
+    policy = model.policy
+    settings = {"dtype": dtype, "attention": policy.attention or "default", "scan_unroll": policy.scan_unroll,
+                "remat": policy.remat, "residual_dtype": policy.residual_dtype, "grad_accum": step.micro_batches(model, images.shape[0]),
                 "xla": variant["xla"]}
     return call, settings, compile_s
 

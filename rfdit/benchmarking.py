@@ -16,7 +16,8 @@ import optax
 
 from .config import FlowConfig, OptimConfig
 from .flow import flow_loss
-from .nn.dit import product
+from .nn.layers import product
+from .nn.policy import ExecutionPolicy
 from .train import _global_norm
 
 
@@ -85,10 +86,11 @@ def time_calls(call, num_calls: int, repeats: int) -> list[float]:
 
 def matmul_peak_tflops(dtype: str = "float32", size: int = 2048, repeats: int = 10) -> float:
     """TFLOP/s of a jitted size×size matmul in `dtype` on the default device (median), as rfdit's
-    layers run it (`rfdit.nn.dit.product`: bf16 operands write float32 on CPUs, bf16 elsewhere)."""
+    layers run it (`rfdit.nn.layers.product`: bf16 operands write float32 on CPUs, bf16 elsewhere)."""
     a = jr.normal(jr.key(0), (size, size)).astype(dtype)
     b = jr.normal(jr.key(1), (size, size)).astype(dtype)
-    matmul = jax.jit(lambda a, b: product(a, b.T, dtype))  # a @ b
+    policy = ExecutionPolicy(compute_dtype=dtype)
+    matmul = jax.jit(lambda a, b: product(a, b.T, policy))  # a @ b
     jax.block_until_ready(matmul(a, b))
     timings = []
     for _ in range(repeats):

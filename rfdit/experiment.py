@@ -33,7 +33,8 @@ from .data.digits import LEVELS as DIGITS_LEVELS
 from .data.latents import LatentBatches, read_latents_meta
 from .distributed import global_batch, initialize, local_copy, make_mesh, shard_state
 from .flow import interpolate
-from .nn.dit import DiT, resolve_remat, resolve_scan_unroll
+from .nn.dit import DiT
+from .nn.policy import resolve_remat, resolve_scan_unroll
 from .sampling import model_velocity, sample
 from .train import TrainState, TrainStep, make_optimizer, resolve_grad_accum
 

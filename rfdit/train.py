@@ -11,7 +11,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .config import FlowConfig, OptimConfig
 from .flow import draw, loss_given_draws
-from .nn.dit import with_bf16_backward
+from .nn.dit import DiT, with_policy
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
@@ -135,7 +135,10 @@ class TrainStep:
         draws = draw(loss_key, images, labels, self.flow, self.num_classes)
 
         def loss_fn(params, x1, draws):  # bf16 products keep bf16 operands in the backward pass too
-            return loss_given_draws(with_bf16_backward(eqx.combine(params, model_static)), x1, draws, self.flow)
+            model = eqx.combine(params, model_static)
+            if isinstance(model, DiT):  # on CPUs, the bf16 products' backward rules (rfdit.nn.grad_rules)
+                model = with_policy(model, bf16_backward=True)
+            return loss_given_draws(model, x1, draws, self.flow)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         n = self.micro_batches(state.model, images.shape[0])

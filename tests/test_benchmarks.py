@@ -68,7 +68,7 @@ def test_bench_vs_original_missing_dependency_says_what_to_install(tmp_path):
 
 
 def test_bench_variants_compiles_each_variant_and_reports_it(monkeypatch):
-    import rfdit.nn.dit as dit
+    from rfdit.nn import layers
 
     bench = load_script("bench_variants")
     traced = {"einsum": 0, "xla": 0}
@@ -79,7 +79,7 @@ def test_bench_variants_compiles_each_variant_and_reports_it(monkeypatch):
             return fn(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(dit, "einsum_attention", counted("einsum", dit.einsum_attention))
+    monkeypatch.setattr(layers, "einsum_attention", counted("einsum", layers.einsum_attention))
     monkeypatch.setattr(jax.nn, "dot_product_attention", counted("xla", jax.nn.dot_product_attention))
     variant = "attention=xla,grad_accum=2,xla:xla_cpu_enable_fast_math=true"
     precision_before = jax.config.jax_default_matmul_precision

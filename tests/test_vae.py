@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from rfdit.nn.dit import count_params
+from rfdit.nn import count_params
 from rfdit.nn.vae import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, AutoencoderKL, StableVAE, VAEConfig
-from helpers import require
+from helpers import relative_error, require
 
 # float32 on both sides; only the summation order of convs and matmuls differs (oneDNN vs XLA), which leaves
 # ~1e-6 relative error through these stacks, while any layout or wiring mistake gives O(1). 1e-4 is the
@@ -53,11 +53,6 @@ SD_VAE_CONFIG_JSON = {
 }
 
 TINY = VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
-
-
-def relative_error(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def diffusers_vae(seed: int, **config):
@@ -188,7 +183,7 @@ def test_stablevae_save_load_round_trip(tmp_path, getkey):
     assert eqx.tree_equal(StableVAE.from_pretrained(tmp_path), vae)
     bf16 = StableVAE.from_pretrained(tmp_path, dtype="bfloat16")
     assert eqx.tree_equal(bf16, vae.with_compute_dtype("bfloat16"))
-    assert bf16.model.decoder.mid_block.attentions[0].to_q.dtype == "bfloat16"
+    assert bf16.model.decoder.mid_block.attentions[0].dtype == "bfloat16"
 
 
 def test_stablevae_loads_legacy_attention_names_and_conv_weights(tmp_path, getkey):

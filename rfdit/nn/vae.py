@@ -31,7 +31,8 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..config import _JsonMixin
-from .dit import Linear, count_params
+from .layers import Linear, count_params
+from .policy import ExecutionPolicy
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -181,10 +182,10 @@ def _per_channel(v: Float[Array, " c"], ndim: int) -> Float[Array, "..."]:
     return v.reshape((1,) * (ndim - 1) + v.shape)
 
 
-def _linear(key: PRNGKeyArray, in_features: int, out_features: int, dtype: str) -> Linear:
+def _linear(key: PRNGKeyArray, in_features: int, out_features: int) -> Linear:
     weight_key, bias_key = jr.split(key)
     weight = _uniform_fan_in(weight_key, (out_features, in_features), in_features)
-    return Linear(weight, _uniform_fan_in(bias_key, (out_features,), in_features), dtype)
+    return Linear(weight, _uniform_fan_in(bias_key, (out_features,), in_features))
 
 
 class Conv2d(eqx.Module):
@@ -290,25 +291,27 @@ class Attention(eqx.Module):
     to_k: Linear
     to_v: Linear
     to_out: tuple[Linear]  # diffusers' `to_out` is [Linear, Dropout]: the key is `to_out.0.weight`
+    dtype: str = eqx.field(static=True)
 
     def __init__(self, channels: int, groups: int, *, dtype: str, key: PRNGKeyArray):
         q_key, k_key, v_key, out_key = jr.split(key, 4)
         self.group_norm = _group_norm(channels, groups)
-        self.to_q = _linear(q_key, channels, channels, dtype)
-        self.to_k = _linear(k_key, channels, channels, dtype)
-        self.to_v = _linear(v_key, channels, channels, dtype)
-        self.to_out = (_linear(out_key, channels, channels, dtype),)
+        self.to_q = _linear(q_key, channels, channels)
+        self.to_k = _linear(k_key, channels, channels)
+        self.to_v = _linear(v_key, channels, channels)
+        self.to_out = (_linear(out_key, channels, channels),)
+        self.dtype = dtype
 
     def __call__(self, x: Float[Array, "H W c"]) -> Float[Array, "H W c"]:
         height, width, channels = x.shape
         h = self.group_norm(x).reshape(height * width, channels)  # (n, c)
-        dtype = jnp.dtype(self.to_q.dtype)
+        dtype, policy = jnp.dtype(self.dtype), ExecutionPolicy(compute_dtype=self.dtype)
         # (n, heads=1, c): jax.nn.dot_product_attention takes (T, N, H) and uses the fused kernel where it can
-        q, k, v = (proj(h)[:, None, :].astype(dtype) for proj in (self.to_q, self.to_k, self.to_v))
+        q, k, v = (proj(h, policy)[:, None, :].astype(dtype) for proj in (self.to_q, self.to_k, self.to_v))
         # jax's XLA attention promotes bf16 logits with float32 internally, which strict promotion rejects
         with jax.numpy_dtype_promotion("standard"):
             attended = jax.nn.dot_product_attention(q, k, v)[:, 0, :].astype(x.dtype)  # (n, c)
-        return x + self.to_out[0](attended).reshape(height, width, channels)
+        return x + self.to_out[0](attended, policy).reshape(height, width, channels)
 
 
 class Downsample2D(eqx.Module):

@@ -8,6 +8,7 @@ and solves it for a batch.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import diffrax as dfx
 import equinox as eqx
@@ -25,26 +26,58 @@ SOLVERS: dict[str, type[dfx.AbstractSolver]] = {
     "dopri5": dfx.Dopri5,
     "dopri8": dfx.Dopri8,
 }
+"""The solvers that have a name: `solve(..., solver=name)`, `SamplerConfig.solver` and the CLIs' `--solver`."""
+
+ON_FAILURE = ("raise", "return")
 
 
-def _solver(name: str) -> dfx.AbstractSolver:
-    if name not in SOLVERS:
-        raise ValueError(f"Unknown solver {name!r}; valid solvers: {list(SOLVERS)}.")
-    return SOLVERS[name]()
+class SolveFailed(RuntimeError):
+    """A solve that did not reach its end time: max_steps exhausted, the step size collapsed, or the
+    state turned non-finite. `stats` holds the partial solve's statistics."""
+
+    def __init__(self, message: str, stats: dict):
+        super().__init__(message)
+        self.stats = stats
 
 
-def evaluations_per_step(name: str) -> tuple[int, int]:
-    """(new field evaluations per attempted step, evaluations once at the start).
+def _solver(solver: str | dfx.AbstractSolver) -> dfx.AbstractSolver:
+    if isinstance(solver, dfx.AbstractSolver):
+        return solver
+    if solver not in SOLVERS:
+        raise ValueError(f"Unknown solver {solver!r}; give one of {list(SOLVERS)} or a diffrax.AbstractSolver.")
+    return SOLVERS[solver]()
 
-    A first-same-as-last (FSAL) tableau reuses its last stage as the next step's
-    first, so it pays one evaluation up front and one fewer per step.
-    """
-    solver = _solver(name)
-    if not isinstance(solver, dfx.AbstractRungeKutta):  # Euler: one evaluation per step
+
+def solver_name(solver: str | dfx.AbstractSolver) -> str:
+    """A solver's name for messages and tables: its name, or its class's."""
+    return solver if isinstance(solver, str) else type(solver).__name__
+
+
+def _erk_counts(solver: dfx.AbstractSolver) -> tuple[int, int] | None:
+    """(evaluations per attempted step, evaluations before the first step) of an explicit Runge-Kutta
+    solver from its tableau, or None for a solver whose count its type does not tell."""
+    if isinstance(solver, dfx.Euler):
         return 1, 0
-    stages = len(solver.tableau.c) + 1
-    fsal = bool(solver.tableau.fsal)
+    tableau = getattr(solver, "tableau", None)
+    if not isinstance(solver, dfx.AbstractERK) or not isinstance(tableau, dfx.ButcherTableau):
+        return None
+    stages = len(tableau.c) + 1
+    fsal = bool(tableau.fsal)
     return stages - int(fsal), int(fsal)
+
+
+def evaluations_per_step(solver: str | dfx.AbstractSolver) -> tuple[int, int]:
+    """(new field evaluations per attempted step, evaluations once at the start) of a named solver or
+    an explicit Runge-Kutta one.
+
+    A first-same-as-last (FSAL) tableau reuses its last stage as the next step's first, so it pays one
+    evaluation up front and one fewer per step (and one more after each jump time it steps over).
+    """
+    counts = _erk_counts(_solver(solver))
+    if counts is None:
+        raise ValueError(f"{solver_name(solver)} is not an explicit Runge-Kutta solver: its evaluations per step "
+                         "are not known from its type.")
+    return counts
 
 
 def time_grid(num_steps: int, shift: float = 1.0) -> np.ndarray:
@@ -62,81 +95,192 @@ def time_grid(num_steps: int, shift: float = 1.0) -> np.ndarray:
     return 1.0 - sigma
 
 
-def solve(
-    field: Callable[[Float[Array, ""], PyTree], PyTree],
-    x0: PyTree,
-    *,
-    solver: str = "euler",
-    num_steps: int | None = None,
-    rtol: float | None = None,
-    atol: float | None = None,
-    ts: Sequence[float] | ArrayLike | None = None,
-    t0: float = 0.0,
-    t1: float = 1.0,
-    save_ts: Sequence[float] | ArrayLike | None = None,
-    max_steps: int = 4096,
-) -> tuple[PyTree, dict[str, Array]]:
-    """Integrate dx/dt = field(t, x) from t0 to t1.
+class _CountJumps(dfx.AbstractAdaptiveStepSizeController):
+    """Another adaptive controller, which also counts the attempted steps that start just after a jump
+    time: an FSAL solver evaluates its first stage again on each (Diffrax's `made_jump`), which no step
+    count shows. The count is the state's last entry (`SaveAt(controller_state=True)`)."""
 
-    Fixed steps: give `num_steps` (uniform grid) or an explicit time grid `ts` (from t0
-    to t1). Adaptive steps: give `rtol` and/or `atol` (a PID controller; the other
-    defaults to the same value). Euler has no error estimate, so it is fixed-step only.
+    controller: dfx.AbstractAdaptiveStepSizeController
 
-    Returns the state at t1 and stats: `nfe` (field evaluations, rejected steps and
-    the FSAL start included), `num_accepted_steps`, `num_rejected_steps`, `result`
-    (Diffrax's result code; 0 is success) and, with `save_ts`, `ys` (states at those times).
-    """
+    @property
+    def rtol(self):
+        return self.controller.rtol
+
+    @property
+    def atol(self):
+        return self.controller.atol
+
+    @property
+    def norm(self):
+        return self.controller.norm
+
+    def wrap(self, direction):
+        return _CountJumps(self.controller.wrap(direction))
+
+    def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
+        t1, inner = self.controller.init(terms, t0, t1, y0, dt0, args, func, error_order)
+        return t1, (inner, jnp.asarray(False), jnp.asarray(0, jnp.int32))
+
+    def adapt_step_size(self, t0, t1, y0, y1_candidate, args, y_error, error_order, controller_state):
+        inner, after_jump, count = controller_state
+        keep, next_t0, next_t1, made_jump, inner, result = self.controller.adapt_step_size(
+            t0, t1, y0, y1_candidate, args, y_error, error_order, inner)
+        count = count + after_jump.astype(jnp.int32)  # this attempt started after a jump
+        after_jump = jnp.where(keep, made_jump, after_jump)  # as diffeqsolve keeps made_jump
+        return keep, next_t0, next_t1, made_jump, (inner, after_jump, count), result
+
+
+def _controller(
+    stepsize_controller, rtol, atol, num_steps, ts, t0, t1, jump_ts
+) -> tuple[dfx.AbstractStepSizeController, float | None, jnp.ndarray, jnp.ndarray]:
+    """(controller, dt0, t0, t1) from `solve`'s arguments."""
     fixed = num_steps is not None or ts is not None
-    adaptive = rtol is not None or atol is not None
-    if fixed == adaptive:
+    tolerances = rtol is not None or atol is not None
+    if stepsize_controller is not None:
+        if tolerances:
+            raise ValueError("Give either stepsize_controller or rtol/atol (a PIDController's short form), not both.")
+        if isinstance(stepsize_controller, dfx.AbstractAdaptiveStepSizeController):
+            if fixed:
+                raise ValueError("An adaptive stepsize_controller chooses its own steps; drop num_steps and ts.")
+            controller = stepsize_controller
+        elif isinstance(stepsize_controller, dfx.StepTo):
+            return stepsize_controller, None, jnp.asarray(stepsize_controller.ts[0]), jnp.asarray(stepsize_controller.ts[-1])
+        else:  # ConstantStepSize and other fixed controllers: num_steps gives dt0
+            if num_steps is None:
+                raise ValueError(f"{type(stepsize_controller).__name__} takes its step size from num_steps; give it.")
+            return stepsize_controller, (t1 - t0) / num_steps, jnp.asarray(t0), jnp.asarray(t1)
+    elif fixed == tolerances:
         raise ValueError(
-            "solve needs exactly one of: num_steps / ts (fixed steps) or rtol / atol (adaptive steps); "
-            f"got num_steps={num_steps}, ts={'given' if ts is not None else None}, rtol={rtol}, atol={atol}."
+            "solve needs exactly one of: num_steps / ts (fixed steps), rtol / atol (adaptive steps) or an adaptive "
+            f"stepsize_controller; got num_steps={num_steps}, ts={'given' if ts is not None else None}, "
+            f"rtol={rtol}, atol={atol}."
         )
-    if adaptive and solver == "euler":
-        raise ValueError(
-            "euler has no error estimate, so it cannot step adaptively; give num_steps, or pick one of "
-            f"{[s for s in SOLVERS if s != 'euler']} for rtol/atol."
-        )
-    term = dfx.ODETerm(lambda t, x, args: field(t, x))
-    if fixed:
+    elif fixed:
         if ts is None:
             ts = t0 + (t1 - t0) * np.linspace(0.0, 1.0, num_steps + 1)
         ts = jnp.asarray(ts)
         if ts.ndim != 1 or ts.shape[0] < 2:
             raise ValueError(f"ts must be a 1-D grid of at least two times; got shape {ts.shape}.")
-        t0, t1 = ts[0], ts[-1]
-        controller, dt0, steps_budget = dfx.StepTo(ts), None, ts.shape[0] - 1
+        return dfx.StepTo(ts), None, ts[0], ts[-1]
     else:
         rtol = atol if rtol is None else rtol
         atol = rtol if atol is None else atol
-        controller, dt0, steps_budget = dfx.PIDController(rtol=rtol, atol=atol), None, max_steps
-    if adaptive:
-        # An explicit first step: Diffrax's own selection would add evaluations we'd have to guess.
-        dt0 = (t1 - t0) / 64
-    saveat = dfx.SaveAt(t1=True) if save_ts is None else dfx.SaveAt(ts=jnp.asarray(save_ts), t1=True)
-    per_step, at_start = evaluations_per_step(solver)
+        controller = dfx.PIDController(rtol=rtol, atol=atol)
+    inside = [float(t) for t in (jump_ts or ()) if t0 < t < t1]
+    if inside:  # stepped to exactly, with no rejected steps to locate them
+        controller = dfx.ClipStepSizeController(controller, jump_ts=inside)
+    # An explicit first step: Diffrax's own selection would add evaluations we'd have to guess.
+    return _CountJumps(controller), (t1 - t0) / 64, jnp.asarray(t0), jnp.asarray(t1)
+
+
+def solve(
+    field: Callable[[Float[Array, ""], PyTree], PyTree],
+    x0: PyTree,
+    *,
+    solver: str | dfx.AbstractSolver = "euler",
+    num_steps: int | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    stepsize_controller: dfx.AbstractStepSizeController | None = None,
+    ts: Sequence[float] | ArrayLike | None = None,
+    t0: float = 0.0,
+    t1: float = 1.0,
+    save_ts: Sequence[float] | ArrayLike | None = None,
+    jump_ts: Sequence[float] | None = None,
+    max_steps: int = 4096,
+    on_failure: str = "raise",
+) -> tuple[PyTree, dict[str, Any]]:
+    """Integrate dx/dt = field(t, x) from t0 to t1 with a Diffrax solver.
+
+    Arguments:
+        field: the velocity `field(t, x)`, x any pytree.
+        x0: the state at t0.
+        solver: a name from SOLVERS or any `diffrax.AbstractSolver`, a user's own `AbstractERK`
+            tableau included.
+        num_steps, ts: fixed steps, a uniform grid of `num_steps` or the grid `ts` (t0 to t1).
+        rtol, atol: adaptive steps by a `diffrax.PIDController` (one defaults to the other).
+        stepsize_controller: any `diffrax.AbstractStepSizeController` instead of the short forms
+            (e.g. a PIDController with its own coefficients, dtmin and dtmax).
+        save_ts: times at which to also return the state.
+        jump_ts: times where the field jumps (the guidance interval's ends): an adaptive solve steps
+            to them exactly instead of rejecting steps to find them.
+        max_steps: the most steps an adaptive solve attempts.
+        on_failure: "raise" (the default) stops a solve that does not reach t1 with Diffrax's error,
+            inside a jit too; "return" gives the partial state, with `stats["result"]` nonzero.
+
+    Returns:
+        The state at t1 and stats: `nfe` (field evaluations: rejected steps, the FSAL start and the
+        first-stage re-evaluations after jump times included; None for a solver that is not an
+        explicit Runge-Kutta one), `num_steps`, `num_accepted_steps`, `num_rejected_steps`,
+        `result` (Diffrax's result code; 0 is success), `t_reached` and, with `save_ts`, `ys`.
+    """
+    if on_failure not in ON_FAILURE:
+        raise ValueError(f"on_failure (={on_failure!r}) must be one of {ON_FAILURE}.")
+    solver_obj = _solver(solver)
+    if isinstance(solver_obj, dfx.Euler) and (rtol is not None or atol is not None or isinstance(
+            stepsize_controller, dfx.AbstractAdaptiveStepSizeController)):
+        raise ValueError(
+            "euler has no error estimate, so it cannot step adaptively; give num_steps, or pick one of "
+            f"{[s for s in SOLVERS if s != 'euler']} for rtol/atol."
+        )
+    controller, dt0, t0, t1 = _controller(stepsize_controller, rtol, atol, num_steps, ts, t0, t1, jump_ts)
+    counting = isinstance(controller, _CountJumps)
+    steps_budget = max_steps if isinstance(controller, dfx.AbstractAdaptiveStepSizeController) else None
+    if isinstance(controller, dfx.StepTo):
+        steps_budget = controller.ts.shape[0] - 1
+    elif steps_budget is None:
+        steps_budget = max(max_steps, num_steps or 0)
+    term = dfx.ODETerm(lambda t, x, args: field(t, x))
+    saveat = dfx.SaveAt(t1=True, controller_state=counting) if save_ts is None else \
+        dfx.SaveAt(ts=jnp.asarray(save_ts), t1=True, controller_state=counting)
+    counts = _erk_counts(solver_obj)
     solver_state = None
-    if at_start:
+    if counts is not None and counts[1]:
         # FSAL: evaluate f(t0, x0) once here. Diffrax would otherwise re-evaluate the first
         # stage on every rejected attempt of the first step, which no step count reveals.
         solver_state = (jnp.asarray(False), field(jnp.asarray(t0), x0))
     sol = dfx.diffeqsolve(
-        term, _solver(solver), t0, t1, dt0, x0, solver_state=solver_state,
-        stepsize_controller=controller, saveat=saveat, max_steps=steps_budget, throw=False,
+        term, solver_obj, t0, t1, dt0, x0, solver_state=solver_state, stepsize_controller=controller,
+        saveat=saveat, max_steps=steps_budget, throw=on_failure == "raise",
     )
-    nfe = per_step * sol.stats["num_steps"] + at_start
+    nfe = None
+    if counts is not None:
+        per_step, at_start = counts
+        nfe = per_step * sol.stats["num_steps"] + at_start
+        if counting and at_start:
+            nfe = nfe + sol.controller_state[-1]
+        nfe = jnp.asarray(nfe, jnp.int32)
     stats = {
-        "nfe": jnp.asarray(nfe, jnp.int32),
+        "nfe": nfe,
+        "num_steps": sol.stats["num_steps"],
         "num_accepted_steps": sol.stats["num_accepted_steps"],
         "num_rejected_steps": sol.stats["num_rejected_steps"],
         "result": sol.result._value,  # 0: success; see diffrax.RESULTS
+        "t_reached": sol.ts[-1],
     }
     # Diffrax stacks the saved states in time order: save_ts first, then t1.
     x1 = jax.tree_util.tree_map(lambda y: y[-1], sol.ys)
     if save_ts is not None:
         stats["ys"] = jax.tree_util.tree_map(lambda y: y[:-1], sol.ys)
     return x1, stats
+
+
+def failure_message(stats: dict, *, solver, rtol=None, atol=None, max_steps=None, stepsize_controller=None) -> str | None:
+    """None if every solve in `stats` reached its end, else one line that names the solver, its
+    tolerances and max_steps, how many solves failed, the earliest time reached and Diffrax's reason."""
+    result = np.asarray(stats["result"])
+    failed = result != 0
+    if not failed.any():
+        return None
+    reached = np.asarray(stats["t_reached"])
+    reached = reached[failed] if reached.shape == failed.shape else reached
+    code = int(result[failed].reshape(-1)[0])
+    reason = dfx.RESULTS._index_to_message[code] if 0 <= code < len(dfx.RESULTS._index_to_message) else f"code {code}"
+    how = f"rtol={rtol}, atol={atol}" if stepsize_controller is None else f"stepsize_controller={stepsize_controller}"
+    count = f"{int(failed.sum())} of {failed.size} solves" if failed.size > 1 else "the solve"
+    return (f"The {solver_name(solver)} solve ({how}, max_steps={max_steps}) stopped before t=1: {count} reached "
+            f"only t={float(np.min(reached)):.4g}. Diffrax: {reason} Raise max_steps, loosen the tolerances or use "
+            "fixed steps (num_steps); on_failure='return' gives the partial result.")
 
 
 def model_velocity(model, x: Float[Array, "H W C"], t: Float[Array, ""], y: Int[Array, ""]) -> Float[Array, "H W C"]:
@@ -208,10 +352,11 @@ def sample(
     labels: Int[Array, " b"],
     *,
     cfg_scale: float | Float[Array, ""] | None = 1.0,
-    solver: str = "euler",
+    solver: str | dfx.AbstractSolver = "euler",
     num_steps: int | None = None,
     rtol: float | None = None,
     atol: float | None = None,
+    stepsize_controller: dfx.AbstractStepSizeController | None = None,
     time_shift: float = 1.0,
     ts: Sequence[float] | None = None,
     guidance_interval: tuple[float, float] | None = None,
@@ -219,29 +364,46 @@ def sample(
     per_sample: bool = False,
     save_ts: Sequence[float] | None = None,
     max_steps: int = 4096,
-) -> tuple[Float[Array, "b H W C"], dict[str, Array]]:
+    on_failure: str = "raise",
+) -> tuple[Float[Array, "b H W C"], dict[str, Any]]:
     """Generate a batch by integrating the model's (guided) velocity from noise to data.
 
     `cfg_scale`: 1 (a Python number) is plain conditional sampling with one pass of B;
     any other value, or an array, guides with one pass of 2B (0 is unconditional).
     Fixed-step solvers take `num_steps` (with an optional `time_shift`) or `ts`;
-    adaptive ones take `rtol`/`atol`.
+    adaptive ones take `rtol`/`atol` or a `stepsize_controller`; `solver` is a name or any
+    Diffrax solver (see `solve`). The guidance interval's ends are jump times of an adaptive solve.
 
     Adaptive steps treat the whole batch as one ODE state with one step size by
     default: a vmapped solve runs until its slowest sample is done anyway, so
     per-sample stepping (`per_sample=True`, each sample its own steps and NFE) costs
     at least as much wall time on batched hardware; it exists for sampling studies.
+
+    A solve that does not reach t = 1 raises `SolveFailed` (checked on the host, naming the solver,
+    its tolerances, max_steps and the time reached); `on_failure="return"` gives the partial
+    images, with `stats["result"]` and a per-sample `stats["failed"]`.
     """
     if noise.ndim != 4 or labels.shape != noise.shape[:1]:
         raise ValueError(f"sample expects noise (B, H, W, C) and labels (B,); got {noise.shape} and {labels.shape}.")
+    if on_failure not in ON_FAILURE:
+        raise ValueError(f"on_failure (={on_failure!r}) must be one of {ON_FAILURE}.")
     guide = not (isinstance(cfg_scale, (int, float)) and cfg_scale == 1) and cfg_scale is not None
     scale = jnp.asarray(cfg_scale, noise.dtype) if guide else None
     if ts is None and num_steps is not None and time_shift != 1.0:
         ts = time_grid(num_steps, time_shift)
         num_steps = None
     solver_kwargs = dict(
-        solver=solver, num_steps=num_steps, rtol=rtol, atol=atol, max_steps=max_steps,
-        ts=None if ts is None else tuple(float(t) for t in ts),
+        solver=solver, num_steps=num_steps, rtol=rtol, atol=atol, stepsize_controller=stepsize_controller,
+        max_steps=max_steps, ts=None if ts is None else tuple(float(t) for t in ts),
         save_ts=None if save_ts is None else tuple(float(t) for t in save_ts),
+        jump_ts=tuple(float(t) for t in guidance_interval) if guide and guidance_interval is not None else None,
+        on_failure="return",  # checked below, on the host, with the settings named
     )
-    return _sample(model, noise, labels, scale, solver_kwargs, guidance_interval, cfg_channels, per_sample)
+    images, stats = _sample(model, noise, labels, scale, solver_kwargs, guidance_interval, cfg_channels, per_sample)
+    stats = dict(stats, failed=jnp.broadcast_to(stats["result"] != 0, labels.shape))
+    if on_failure == "raise":
+        message = failure_message(stats, solver=solver, rtol=rtol, atol=atol, max_steps=max_steps,
+                                  stepsize_controller=stepsize_controller)
+        if message is not None:
+            raise SolveFailed(message, stats)
+    return images, stats

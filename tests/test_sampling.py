@@ -1,3 +1,4 @@
+import diffrax as dfx
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 import rfdit
-from rfdit.sampling import SOLVERS, guided_field, model_velocity, time_grid
+from rfdit.sampling import SOLVERS, SolveFailed, guided_field, model_velocity, time_grid
 
 ADAPTIVE = [s for s in SOLVERS if s != "euler"]
 
@@ -49,7 +50,7 @@ def test_adaptive_euler_is_refused():
         rfdit.solve(lambda t, x: x, jnp.ones(2), solver="euler", rtol=1e-3)
     with pytest.raises(ValueError, match="exactly one of"):
         rfdit.solve(lambda t, x: x, jnp.ones(2), solver="heun")
-    with pytest.raises(ValueError, match="valid solvers"):
+    with pytest.raises(ValueError, match="give one of .* or a diffrax.AbstractSolver"):
         rfdit.solve(lambda t, x: x, jnp.ones(2), solver="rk4", num_steps=3)
 
 
@@ -88,6 +89,109 @@ def test_nfe_includes_rejected_steps():
     jax.effects_barrier()
     assert int(stats["num_rejected_steps"]) > 0
     assert int(stats["nfe"]) == len(calls)
+
+
+class _Kutta38(dfx.AbstractERK):
+    """A user's own tableau: Kutta's 3/8 rule, fourth order, four stages, not FSAL, with Euler embedded."""
+
+    tableau = dfx.ButcherTableau(
+        c=np.array([1 / 3, 2 / 3, 1.0]),
+        b_sol=np.array([1 / 8, 3 / 8, 3 / 8, 1 / 8]),
+        b_error=np.array([1 / 8, 3 / 8, 3 / 8, 1 / 8]) - np.array([1.0, 0, 0, 0]),
+        a_lower=(np.array([1 / 3]), np.array([-1 / 3, 1.0]), np.array([1.0, -1.0, 1.0])),
+    )
+    interpolation_cls = dfx.ThirdOrderHermitePolynomialInterpolation.from_k
+
+    def order(self, terms):
+        return 4
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_user_tableau_solves_with_exact_nfe_and_its_order(fixed):
+    field, calls = counting_field(1.0)
+    steps = dict(num_steps=8) if fixed else dict(rtol=1e-6, atol=1e-6)
+    x1, stats = rfdit.solve(field, jnp.ones(3), solver=_Kutta38(), **steps)
+    jax.effects_barrier()
+    assert int(stats["nfe"]) == len(calls) == 4 * int(stats["num_steps"])
+    exact = np.exp(np.sin(3.0) / 3)  # x' = x cos(3t), x(0) = 1
+    if fixed:  # fourth order: halving the step divides the error by ~2^4 (4.8 from 4 to 8 steps, pre-asymptotic)
+        coarse = rfdit.solve(field, jnp.ones(3), solver=_Kutta38(), num_steps=4)[0]
+        order = np.log2(abs(float(coarse[0]) - exact) / abs(float(x1[0]) - exact))
+        assert 3.5 < order < 5.5
+    else:
+        assert abs(float(x1[0]) - exact) < 1e-4
+
+
+def test_stepsize_controller_object_is_honoured():
+    field, calls = counting_field(4.0)
+    default = rfdit.solve(field, jnp.ones(3), solver="dopri5", rtol=1e-4, atol=1e-4)[1]
+    jax.effects_barrier()
+    calls.clear()
+    controller = dfx.PIDController(rtol=1e-4, atol=1e-4, pcoeff=0.3, icoeff=0.4, dtmax=0.01)
+    _, custom = rfdit.solve(field, jnp.ones(3), solver=dfx.Dopri5(), stepsize_controller=controller)
+    jax.effects_barrier()
+    # dtmax = 0.01 forces at least 100 steps, where the plain controller takes a handful
+    assert int(custom["num_steps"]) >= 100 > int(default["num_steps"])
+    assert int(custom["nfe"]) == len(calls) == 6 * int(custom["num_steps"]) + 1
+    with pytest.raises(ValueError, match="not both"):
+        rfdit.solve(field, jnp.ones(3), solver="dopri5", rtol=1e-3, stepsize_controller=controller)
+
+
+def test_solver_without_a_tableau_reports_unknown_nfe():
+    _, stats = rfdit.solve(lambda t, x: -x, jnp.ones(2), solver=dfx.Kvaerno3(),
+                           stepsize_controller=dfx.PIDController(rtol=1e-4, atol=1e-4))
+    assert stats["nfe"] is None and int(stats["num_steps"]) > 0 and int(stats["result"]) == 0
+
+
+@pytest.mark.parametrize("solver", ["dopri5", "tsit5", "heun", "dopri8"])
+def test_jump_times_remove_rejected_steps_and_keep_nfe_exact(solver):
+    # a field that jumps at t = 0.3 and t = 0.6, as guidance does at the ends of its interval
+    calls = []
+
+    def field(t, x):
+        jax.debug.callback(lambda: calls.append(1), ordered=False)
+        return jnp.where((t >= 0.3) & (t <= 0.6), 5.0, 1.0) * jnp.cos(3 * t) * x
+
+    blind = rfdit.solve(field, jnp.ones(3), solver=solver, rtol=1e-6, atol=1e-6)[1]
+    jax.effects_barrier()
+    assert int(blind["nfe"]) == len(calls)
+    calls.clear()
+    told = rfdit.solve(field, jnp.ones(3), solver=solver, rtol=1e-6, atol=1e-6, jump_ts=(0.3, 0.6))[1]
+    jax.effects_barrier()
+    assert int(told["nfe"]) == len(calls)  # FSAL first stages re-evaluated after each jump included
+    assert int(told["num_rejected_steps"]) < int(blind["num_rejected_steps"])
+    assert int(told["nfe"]) < int(blind["nfe"])
+
+
+def test_guidance_interval_ends_are_jump_times(getkey):
+    model = tiny_model(getkey())
+    noise, labels = jr.normal(getkey(), (3, 4, 4, 2)), jnp.arange(3)
+    # a strong scale and a tight tolerance make the jumps large enough to cost rejected steps (19 here)
+    kwargs = dict(cfg_scale=50.0, guidance_interval=(0.3, 0.7), solver="dopri5", rtol=1e-7, atol=1e-7)
+    _, stats = rfdit.sample(model, noise, labels, **kwargs)
+    # the same field without the jump times: the solver finds the discontinuities by rejecting steps
+    field = guided_field(model, labels, jnp.asarray(50.0), guidance_interval=(0.3, 0.7))
+    _, blind = rfdit.solve(field, noise, solver="dopri5", rtol=1e-7, atol=1e-7)
+    assert 2 * int(stats["num_rejected_steps"]) < int(blind["num_rejected_steps"])
+    assert int(stats["nfe"]) < int(blind["nfe"])
+
+
+def test_exhausted_max_steps_raises_and_return_gives_the_partial_state(getkey):
+    model = tiny_model(getkey())
+    noise, labels = jr.normal(getkey(), (2, 4, 4, 2)), jnp.arange(2)
+    with pytest.raises(SolveFailed, match=r"dopri5 solve \(rtol=1e-09, atol=1e-09, max_steps=2\).*reached only t="):
+        rfdit.sample(model, noise, labels, solver="dopri5", rtol=1e-9, atol=1e-9, max_steps=2)
+    images, stats = rfdit.sample(model, noise, labels, solver="dopri5", rtol=1e-9, atol=1e-9, max_steps=2,
+                                 on_failure="return")
+    assert stats["failed"].tolist() == [True, True] and 0 <= float(stats["t_reached"]) < 1
+    # per-sample stepping: a flag per sample
+    _, per = rfdit.sample(model, noise, labels, solver="dopri5", rtol=1e-9, atol=1e-9, max_steps=2,
+                          on_failure="return", per_sample=True)
+    assert per["failed"].shape == (2,) and bool(per["failed"].all())
+    # solve raises too, inside a user's own jit (Diffrax's message)
+    with pytest.raises(Exception, match="maximum number of solver steps"):
+        jax.jit(lambda x: rfdit.solve(lambda t, x: -50 * x, x, solver="dopri5", rtol=1e-9, atol=1e-9,
+                                      max_steps=2)[0])(jnp.ones(2)).block_until_ready()
 
 
 def test_time_grid_shift():

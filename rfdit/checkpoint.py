@@ -28,16 +28,13 @@ from jaxtyping import PyTree
 
 from .config import DiTConfig
 from .nn.dit import DiT
+from .weights import fill, leaf_name, read_safetensors, write_tensors
 
 EXPORT_FORMAT = "rfdit-export"
 EXPORT_VERSION = 1
 
 for _name in ("absl", "orbax"):
     logging.getLogger(_name).setLevel(logging.WARNING)
-
-
-def _leaf_name(path) -> str:
-    return jax.tree_util.keystr(path, simple=True, separator=".")
 
 
 def _flatten(tree) -> tuple[list[str], list[Any]]:
@@ -48,7 +45,7 @@ def _flatten(tree) -> tuple[list[str], list[Any]]:
             continue
         if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
             leaf = jr.key_data(leaf)
-        names.append(_leaf_name(path))
+        names.append(leaf_name(path))
         leaves.append(leaf)
     return names, leaves
 
@@ -168,15 +165,8 @@ class Checkpointer:
 
 def export_model(model: DiT, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> pathlib.Path:
     """Write `model` as safetensors plus a versioned config.json into `directory`."""
-    from safetensors.numpy import save_file
-
     directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    names, leaves = _flatten(model)
-    tensors = {name: np.asarray(jax.device_get(leaf)) for name, leaf in zip(names, leaves)}
-    tmp = directory / "model.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, directory / "model.safetensors")
+    write_tensors(directory / "model.safetensors", dict(zip(*_flatten(model))))
     config = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "model": model.config.to_dict(), **(extra or {})}
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     return directory
@@ -184,8 +174,6 @@ def export_model(model: DiT, directory: str | os.PathLike, extra: dict[str, Any]
 
 def load_export(directory: str | os.PathLike) -> tuple[DiT, dict[str, Any]]:
     """Load an export folder: the model and its config.json (no torch needed)."""
-    from safetensors.numpy import load_file
-
     directory = pathlib.Path(directory)
     config_path, weights_path = directory / "config.json", directory / "model.safetensors"
     if not config_path.is_file() or not weights_path.is_file():
@@ -201,26 +189,11 @@ def load_export(directory: str | os.PathLike) -> tuple[DiT, dict[str, Any]]:
             "Upgrade rfdit."
         )
     cfg = DiTConfig.from_dict(config["model"])
-    try:
-        tensors = load_file(str(weights_path))
-    except Exception as error:
-        raise CheckpointError(f"{weights_path} is unreadable ({error}); it may be corrupt.") from error
     skeleton = eqx.filter_eval_shape(DiT, cfg, key=jr.key(0))
-    flat = [(_leaf_name(p), x) for p, x in jax.tree_util.tree_flatten_with_path(skeleton)[0]
-            if isinstance(x, jax.ShapeDtypeStruct)]
-    names, leaves = [n for n, _ in flat], [x for _, x in flat]
-    missing = [n for n in names if n not in tensors]
-    unexpected = sorted(set(tensors) - set(names))
-    wrong = [f"{n}: {tensors[n].shape} vs {tuple(x.shape)}" for n, x in zip(names, leaves)
-             if n in tensors and tuple(tensors[n].shape) != tuple(x.shape)]
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"{weights_path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-            f"wrong shapes {wrong[:5]}."
-        )
-    values = iter([jnp.asarray(tensors[n]) for n in names])
-    template_leaves, treedef = jax.tree_util.tree_flatten(skeleton)
-    model = jax.tree_util.tree_unflatten(
-        treedef, [next(values) if isinstance(leaf, jax.ShapeDtypeStruct) else leaf for leaf in template_leaves]
-    )
+    try:
+        model = fill(skeleton, read_safetensors(weights_path), source=str(weights_path),
+                     target=f"the model that {config_path} describes",
+                     advice="The config.json must be the one exported with these weights; export the model again.")
+    except ValueError as error:
+        raise CheckpointError(str(error)) from error
     return model, config

@@ -87,6 +87,7 @@ from jaxtyping import Array
 from .checkpoint import export_model
 from .config import PRESETS, DiTConfig
 from .nn.dit import NUM_FREQUENCIES, DiT, sincos_pos_embed
+from .weights import check_tensors, fill, named_leaves, read_safetensors, torch_load, torch_to_numpy
 
 FORMATS = ("sit", "repa")
 
@@ -174,10 +175,6 @@ def _few(names: list[str], limit: int = 6) -> str:
     return f"{shown}, ... ({len(names)} in all)" if len(names) > limit else shown
 
 
-def _leaf_name(path) -> str:
-    return jax.tree_util.keystr(path, simple=True, separator=".")
-
-
 def published_state_dict(model: DiT) -> dict[str, Array]:
     """`model`'s weights under SiT's/REPA's key names and PyTorch layouts (the inverse of the import).
 
@@ -185,7 +182,7 @@ def published_state_dict(model: DiT) -> dict[str, Array]:
     shapes of a configuration without materialising it. `pos_embed` is rfdit's fixed table.
     """
     cfg = model.config
-    leaves = {_leaf_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(model)[0]}
+    leaves = named_leaves(model)
     grid = cfg.image_size // cfg.patch_size
     state = {"pos_embed": jnp.asarray(sincos_pos_embed(cfg.hidden_size, grid))[None]}
     for published, ours in _TOP_KEYS:
@@ -444,15 +441,8 @@ def convert_state_dict(
     skeleton = eqx.filter_eval_shape(DiT, cfg, key=jr.key(0))
     expected = jax.eval_shape(published_state_dict, skeleton)
     expected.pop("pos_embed")
-    missing = sorted(set(expected) - set(present))
-    unexpected = sorted(set(present) - set(expected))
-    wrong = [f"{k} {present[k].shape} (expected {expected[k].shape})" for k in sorted(set(expected) & set(present))
-             if present[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        raise ValueError(
-            f"{source} does not fit the inferred {cfg}: missing {_few(missing)}; unexpected {_few(unexpected)}; "
-            f"wrong shapes {_few(wrong, 3)}. Check --format, or pass num_heads / image_size."
-        )
+    check_tensors({name: leaf.shape for name, leaf in expected.items()}, present, source=source,
+                  target=f"the inferred {cfg}", advice="Check --format, or pass num_heads / image_size.")
     notes.extend(_finiteness_notes(present, cfg, source))
 
     def value_for(name: str) -> np.ndarray:
@@ -465,16 +455,10 @@ def convert_state_dict(
                 return np.stack([present[f"blocks.{i}.{published}"] for i in range(cfg.depth)])
         raise AssertionError(f"no published key maps to {name}")  # the shape check above rules this out
 
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(skeleton)
-    values = []
-    for path, leaf in leaves:
-        if isinstance(leaf, jax.ShapeDtypeStruct):
-            value = value_for(_leaf_name(path))
-            assert value.shape == leaf.shape, (_leaf_name(path), value.shape, leaf.shape)
-            values.append(jnp.asarray(value))
-        else:
-            values.append(leaf)
-    model = jax.tree_util.tree_unflatten(treedef, values)
+    ours = {name: value_for(name) for name, leaf in named_leaves(skeleton).items()
+            if isinstance(leaf, jax.ShapeDtypeStruct)}
+    model = fill(skeleton, ours, source=source, target=f"the inferred {cfg}",
+                 advice="This is a bug in the key mapping; please report it.")
 
     report = ImportReport(
         format=format, source=source, weights=weights, config=cfg.to_dict(), num_heads_from=heads_from,
@@ -511,30 +495,12 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
     if not path.is_file():
         raise ValueError(f"no checkpoint file at {path}.")
     if path.suffix == ".safetensors":
-        import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so bf16 safetensors read too)
-        from safetensors.numpy import load_file
+        return read_safetensors(path), None, "state_dict"
+    # The training args are an argparse.Namespace, a plain attribute bag, so that one class is allowed.
+    obj = torch_load(path, allowed_classes=[argparse.Namespace], torch_advice=(
+        "Install torch (the CPU build is enough), or save the state dict as .safetensors elsewhere and pass that."))
+    import torch  # torch_load succeeded, so torch is there
 
-        try:
-            return dict(load_file(str(path))), None, "state_dict"
-        except Exception as error:
-            raise ValueError(f"could not read {path}: {error}. Truncated or corrupt? Download it again.") from error
-    try:
-        import torch
-    except ImportError as error:
-        raise ImportError(
-            f"reading {path} (a PyTorch pickle) needs torch, which is not installed. Install torch (the CPU build "
-            "is enough), or save the state dict as .safetensors elsewhere and pass that."
-        ) from error
-    # weights_only: unpickling arbitrary objects can run code. The training args are an
-    # argparse.Namespace, a plain attribute bag, so that one class is allowed.
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(
-            f"could not read {path} with torch.load(weights_only=True): {error}. The file is corrupt, or it pickles "
-            "objects other than tensors, dicts and argparse.Namespace."
-        ) from error
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}; expected a state dict or a checkpoint dict.")
     args = obj.get("args")
@@ -550,13 +516,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
     else:
         raise ValueError(f"{path} is neither a state dict nor a checkpoint with 'ema' or 'model'; its keys: "
                          f"{_few(sorted(map(str, obj)))}.")
-    arrays = {}
-    for name, tensor in state.items():
-        if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"{path}: {weights}[{name!r}] is a {type(tensor).__name__}, not a tensor.")
-        tensor = tensor.detach()
-        arrays[name] = (tensor.float() if tensor.is_floating_point() else tensor).numpy()
-    return arrays, args, weights
+    return torch_to_numpy(state, source=f"{path} ({weights} weights)"), args, weights
 
 
 def import_checkpoint(

@@ -22,9 +22,12 @@ def require(module: str, why: str):
 
 
 def load_script(name: str):
-    """experiments/<name>.py imported as a module, so tests call its `main(argv)` in-process."""
+    """experiments/<name>.py imported as a module, so tests call its `main(argv)` in-process.
+
+    `name` may start with a subfolder: "benchmarks/bench_train" is experiments/benchmarks/bench_train.py.
+    """
     path = pathlib.Path(__file__).resolve().parent.parent / "experiments" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"experiments_{name}", path)
+    spec = importlib.util.spec_from_file_location(f"experiments_{name.replace('/', '_')}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)

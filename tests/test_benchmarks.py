@@ -55,13 +55,13 @@ def test_gpu_kernel_events_map_to_their_hlo_instructions():
 
 
 def test_bench_vs_original_missing_checkout_says_what_to_pass(tmp_path):
-    bench = load_script("bench_vs_original")
+    bench = load_script("benchmarks/bench_vs_original")
     with pytest.raises(SystemExit, match="diffusion_transformer.py.*kvfrans/jax-flow"):
         bench.main(["--original_dir", str(tmp_path)])
 
 
 def test_bench_vs_original_missing_dependency_says_what_to_install(tmp_path):
-    bench = load_script("bench_vs_original")
+    bench = load_script("benchmarks/bench_vs_original")
     (tmp_path / "diffusion_transformer.py").write_text("import rfdit_test_absent_module\n")
     with pytest.raises(SystemExit, match="rfdit_test_absent_module.*pip install flax einops ml_collections"):
         bench.main(["--original_dir", str(tmp_path)])
@@ -70,7 +70,7 @@ def test_bench_vs_original_missing_dependency_says_what_to_install(tmp_path):
 def test_bench_variants_compiles_each_variant_and_reports_it(monkeypatch):
     from rfdit.nn import layers
 
-    bench = load_script("bench_variants")
+    bench = load_script("benchmarks/bench_variants")
     traced = {"einsum": 0, "xla": 0}
 
     def counted(name, fn):
@@ -107,18 +107,18 @@ def test_bench_variants_compiles_each_variant_and_reports_it(monkeypatch):
     ("attention=flash", "must be one of"), ("remat=some", "must be one of"), ("precision=fp8", "must be one of"),
 ])
 def test_bench_variants_bad_variant_says_what_is_accepted(variant, message):
-    bench = load_script("bench_variants")
+    bench = load_script("benchmarks/bench_variants")
     with pytest.raises(SystemExit, match=message):
         bench.parse_variant(variant)
 
 
 def test_bench_variants_refuses_a_repeated_variant():
     with pytest.raises(SystemExit, match="must differ"):
-        load_script("bench_variants").main(["--variants", "remat=none", "remat=none"])
+        load_script("benchmarks/bench_variants").main(["--variants", "remat=none", "remat=none"])
 
 
 def test_bench_products_times_every_variant():
-    bench = load_script("bench_products")
+    bench = load_script("benchmarks/bench_products")
     result = bench.main(["--rounds", "1", "--size", "64", "--batch", "2", "--tokens", "4", "--width", "8",
                          "--hidden", "16", "--attention_batch", "2", "--attention_tokens", "4", "--heads", "1",
                          "--head_dim", "8"])

@@ -18,6 +18,7 @@ import scipy.linalg
 
 from rfdit.metrics import fid
 from rfdit.nn import inception
+from rfdit.weights import read_tensors
 from helpers import INSTALL_TEST_DEPS, require
 
 REFERENCE_NAME = "inception-v3-compat"
@@ -308,7 +309,7 @@ def test_convert_inception_weights_round_trips_without_torch(reference_weights, 
     from safetensors.numpy import load_file
 
     out = inception.convert_inception_weights(reference_weights, tmp_path / "fid_inception.safetensors")
-    torch_state = inception.read_torch_state_dict(reference_weights)
+    torch_state = read_tensors(reference_weights)
     stored = load_file(str(out))
     assert set(stored) == {name for name in torch_state if not name.endswith("num_batches_tracked")}
     for name, value in stored.items():
@@ -317,7 +318,7 @@ def test_convert_inception_weights_round_trips_without_torch(reference_weights, 
     from_pth = inception.load_inception(reference_weights)
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails: safetensors must not need it
     from_safetensors = inception.load_inception(out)
-    with pytest.raises(ImportError, match="needs PyTorch, once"):
+    with pytest.raises(ImportError, match="needs torch, but torch is not installed. Install torch once"):
         inception.load_inception(reference_weights)
     images = jnp.asarray((reference_features[0] / 127.5 - 1).astype(np.float32))
     np.testing.assert_array_equal(pool3_features(from_safetensors, images), pool3_features(from_pth, images))
@@ -361,11 +362,11 @@ def test_load_inception_missing_weights_error(tmp_path, monkeypatch):
 
 
 def test_inception_from_state_dict_rejects_other_inceptions(reference_weights):
-    state = inception.read_torch_state_dict(reference_weights)
+    state = read_tensors(reference_weights)
     torchvision_like = dict(state, **{"AuxLogits.fc.weight": np.zeros((1000, 768), np.float32)})
     with pytest.raises(ValueError, match="torchvision's ImageNet Inception-v3"):
         inception.inception_from_state_dict(torchvision_like)
     del state["Mixed_6b.branch7x7_2.bn.running_var"]
-    missing = r"1 expected tensors missing \(e.g. \['Mixed_6b\.branch7x7_2\.bn\.running_var'\]"
+    missing = r"do not fit the FID Inception-v3 .*: missing Mixed_6b\.branch7x7_2\.bn\.running_var\. Expected"
     with pytest.raises(ValueError, match=missing):
         inception.inception_from_state_dict(state)

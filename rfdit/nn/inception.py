@@ -32,6 +32,8 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ..weights import check_tensors, fill, named_leaves, read_tensors, write_tensors
+
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
 BATCH_NORM_EPS = 1e-3  # the TF graph's (and both PyTorch ports') BatchNorm epsilon
@@ -393,8 +395,7 @@ class InceptionV3(eqx.Module):
 
 def _conv_paths(model: InceptionV3) -> list[tuple[str, ConvBN]]:
     """(state-dict prefix, layer) for every ConvBN, e.g. ("Mixed_5b.branch1x1", ...)."""
-    leaves = jax.tree_util.tree_flatten_with_path(model, is_leaf=lambda node: isinstance(node, ConvBN))[0]
-    return [(".".join(entry.name for entry in path), layer) for path, layer in leaves]
+    return list(named_leaves(model, is_leaf=lambda node: isinstance(node, ConvBN)).items())
 
 
 def _state_dict_names(prefix: str) -> tuple[str, ...]:
@@ -402,19 +403,16 @@ def _state_dict_names(prefix: str) -> tuple[str, ...]:
     return tuple(f"{prefix}.{name}" for name in names)
 
 
-def inception_from_state_dict(state_dict: Mapping[str, np.ndarray]) -> InceptionV3:
+def inception_from_state_dict(state_dict: Mapping[str, np.ndarray], *, source: str = "the state dict") -> InceptionV3:
     """An `InceptionV3` from a PyTorch-port state dict (torch-fidelity's / pytorch-fid's names) as numpy.
 
     Conv weights are (O, I, kh, kw) and become HWIO; BatchNorm (eps 1e-3) is folded into a
     per-channel scale and shift. `num_batches_tracked` and the classifier `fc.*` are not used.
+    `source` names where the state dict came from in error messages.
     """
     skeleton = eqx.filter_eval_shape(InceptionV3, key=jr.key(0))
     layers = _conv_paths(skeleton)
-    expected = {name for prefix, _ in layers for name in _state_dict_names(prefix)}
-    ignored = {name for name in state_dict if name.endswith(".num_batches_tracked") or name.startswith("fc.")}
-    unexpected = sorted(set(state_dict) - expected - ignored)
-    missing = sorted(expected - set(state_dict))
-    if any(name.startswith("AuxLogits.") for name in unexpected) or (
+    if any(name.startswith("AuxLogits.") for name in state_dict) or (
         "fc.weight" in state_dict and tuple(state_dict["fc.weight"].shape) != (NUM_LOGITS, FEATURE_DIM)
     ):
         raise ValueError(
@@ -422,52 +420,33 @@ def inception_from_state_dict(state_dict: Mapping[str, np.ndarray]) -> Inception
             f"that is not {NUM_LOGITS}x{FEATURE_DIM}), not the FID graph of 2015-12-05; FIDs computed with "
             f"them are not comparable. Use {TORCH_FIDELITY_FILE} or {PYTORCH_FID_FILE}."
         )
-    if missing or unexpected:
-        raise ValueError(
-            f"Not an FID Inception-v3 state dict: {len(missing)} expected tensors missing "
-            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}). Expected the key names "
-            f"of torch-fidelity's {TORCH_FIDELITY_FILE} or pytorch-fid's {PYTORCH_FID_FILE}."
-        )
-
-    arrays = []
+    expected = {}
     for prefix, layer in layers:
-        weight_name, gamma_name, beta_name, mean_name, var_name = _state_dict_names(prefix)
         kh, kw, cin, cout = layer.weight.shape
-        weight = np.asarray(state_dict[weight_name])
-        if weight.shape != (cout, cin, kh, kw):
-            raise ValueError(f"{weight_name} has shape {weight.shape}; expected {(cout, cin, kh, kw)} (O, I, kh, kw).")
-        bn = [np.asarray(state_dict[name], np.float64) for name in (gamma_name, beta_name, mean_name, var_name)]
-        for name, value in zip((gamma_name, beta_name, mean_name, var_name), bn, strict=True):
-            if value.shape != (cout,):
-                raise ValueError(f"{name} has shape {value.shape}; expected ({cout},).")
-        gamma, beta, mean, var = bn
+        weight_name, *bn_names = _state_dict_names(prefix)
+        expected |= {weight_name: (cout, cin, kh, kw), **{name: (cout,) for name in bn_names}}
+    used = {name: value for name, value in state_dict.items()
+            if not (name.endswith(".num_batches_tracked") or name.startswith("fc."))}
+    target = "the FID Inception-v3 (TF's 2015-12-05 graph)"
+    advice = f"Expected the key names of torch-fidelity's {TORCH_FIDELITY_FILE} or pytorch-fid's {PYTORCH_FID_FILE}."
+    check_tensors(expected, used, source=source, target=target, advice=advice)
+
+    arrays = {}
+    for prefix, _ in layers:
+        weight_name, *bn_names = _state_dict_names(prefix)
+        gamma, beta, mean, var = (np.asarray(used[name], np.float64) for name in bn_names)
         scale = gamma / np.sqrt(var + BATCH_NORM_EPS)
-        arrays += [
-            jnp.asarray(weight.transpose(2, 3, 1, 0).astype(np.float32)),
-            jnp.asarray(scale.astype(np.float32)),
-            jnp.asarray((beta - mean * scale).astype(np.float32)),
-        ]
-
-    def leaves(model: InceptionV3) -> list:
-        return [leaf for _, layer in _conv_paths(model) for leaf in (layer.weight, layer.scale, layer.shift)]
-
-    return eqx.tree_at(leaves, skeleton, arrays)
+        arrays[f"{prefix}.weight"] = np.asarray(used[weight_name], np.float32).transpose(2, 3, 1, 0)  # HWIO
+        arrays[f"{prefix}.scale"] = scale.astype(np.float32)
+        arrays[f"{prefix}.shift"] = (beta - mean * scale).astype(np.float32)
+    return fill(skeleton, arrays, source=source, target=target, advice=advice)
 
 
-def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """A `.pth` state dict as numpy arrays, via `torch.load(weights_only=True)` (needs torch)."""
-    try:
-        import torch
-    except ImportError as error:
-        raise ImportError(
-            f"Reading {path} needs PyTorch, once: install torch and run "
-            "rfdit.nn.inception.convert_inception_weights on it, or convert on another machine and copy the "
-            f".safetensors into {default_weights_dir()}; later runs need no torch."
-        ) from error
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict (a mapping of names to tensors).")
-    return {name: value.detach().cpu().numpy() for name, value in state.items() if isinstance(value, torch.Tensor)}
+def _torch_advice() -> str:
+    return (
+        "Install torch once and convert the file with rfdit.nn.inception.convert_inception_weights, or convert it "
+        f"on another machine and copy the .safetensors into {default_weights_dir()}; later runs need no torch."
+    )
 
 
 def convert_inception_weights(pth: str | os.PathLike, out: str | os.PathLike | None = None) -> pathlib.Path:
@@ -477,23 +456,17 @@ def convert_inception_weights(pth: str | os.PathLike, out: str | os.PathLike | N
     file is the same weights in a format that numpy reads. `out` defaults to the `.pth`'s name
     with `.safetensors` in `default_weights_dir()`. Returns the written path.
     """
-    state = read_torch_state_dict(pth)
-    inception_from_state_dict(state)  # refuse to write anything that would not load
+    state = read_tensors(pth, torch_advice=_torch_advice())
+    inception_from_state_dict(state, source=str(pth))  # refuse to write anything that would not load
     out = pathlib.Path(out) if out is not None else default_weights_dir() / (pathlib.Path(pth).stem + ".safetensors")
     _save_safetensors(state, out, source=pathlib.Path(pth).name)
     return out
 
 
 def _save_safetensors(state: Mapping[str, np.ndarray], out: pathlib.Path, source: str) -> None:
-    from safetensors.numpy import save_file
-
-    tensors = {
-        name: np.ascontiguousarray(value) for name, value in state.items() if not name.endswith("num_batches_tracked")
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".part")
-    save_file(tensors, str(partial), metadata={"format": "fid-inception-v3-2015-12-05", "source": source})
-    os.replace(partial, out)  # a half-written file must never be found by the search
+    # written atomically: a half-written file must never be found by the search
+    tensors = {name: value for name, value in state.items() if not name.endswith("num_batches_tracked")}
+    write_tensors(out, tensors, metadata={"format": "fid-inception-v3-2015-12-05", "source": source})
 
 
 def default_weights_dir() -> pathlib.Path:
@@ -595,8 +568,8 @@ def load_inception(weights_path: str | os.PathLike | None = None, *, download: b
         except (urllib.error.URLError, OSError) as error:
             raise FileNotFoundError(_missing_weights_message(searched, f"download failed: {error}")) from error
     if path.suffix == ".pth":
-        state = read_torch_state_dict(path)
-        model = inception_from_state_dict(state)
+        state = read_tensors(path, torch_advice=_torch_advice())
+        model = inception_from_state_dict(state, source=str(path))
         try:  # the one-time conversion: found first next time, so later runs need no torch
             _save_safetensors(state, default_weights_dir() / (path.stem + ".safetensors"), source=path.name)
         except OSError:
@@ -606,10 +579,4 @@ def load_inception(weights_path: str | os.PathLike | None = None, *, download: b
 
 
 def _load_file(path: pathlib.Path) -> InceptionV3:
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
-        return inception_from_state_dict(load_file(str(path)))
-    if path.suffix in (".pth", ".pt", ".bin"):
-        return inception_from_state_dict(read_torch_state_dict(path))
-    raise ValueError(f"Unknown weights format {path.suffix!r} ({path}); expected .safetensors or a PyTorch .pth.")
+    return inception_from_state_dict(read_tensors(path, torch_advice=_torch_advice()), source=str(path))

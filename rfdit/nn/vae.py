@@ -31,6 +31,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..config import _JsonMixin
+from ..weights import check_tensors, fill, named_leaves, read_tensors, write_tensors
 from .layers import Linear, count_params
 from .policy import ExecutionPolicy
 
@@ -520,19 +521,6 @@ class AutoencoderKL(eqx.Module):
         return self.decoder(z)
 
 
-def _key_name(path: tuple[Any, ...]) -> str:
-    """A pytree path as a diffusers state-dict key: attribute names and tuple indices joined by dots."""
-    parts = []
-    for entry in path:
-        if isinstance(entry, jax.tree_util.GetAttrKey):
-            parts.append(entry.name)
-        elif isinstance(entry, jax.tree_util.SequenceKey):
-            parts.append(str(entry.idx))
-        else:
-            raise TypeError(f"unexpected pytree path entry {entry!r} in the VAE")
-    return ".".join(parts)
-
-
 def _torch_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else tuple(shape)
 
@@ -567,79 +555,37 @@ def load_diffusers_weights(
     missing, unexpected or wrongly shaped tensors; `source` names where they came from in that message.
     """
     _check_dtype(dtype)
-    state = _rename_legacy_attention(state)
     skeleton = eqx.filter_eval_shape(AutoencoderKL, config, key=jr.key(0), dtype=dtype)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(skeleton)
-    expected = {_key_name(path): leaf.shape for path, leaf in flat}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        lines = [f"The weights in {source} do not fit {config}."]
-        if missing:
-            lines.append(f"Missing keys: {_few(missing)}.")
-        if unexpected:
-            lines.append(f"Unexpected keys: {_few(unexpected)}.")
-        if any(name.startswith(("first_stage_model.", "encoder.down.", "decoder.up.")) for name in unexpected):
-            lines.append(
-                "These look like an original (CompVis/LDM) checkpoint, not diffusers format: convert it once with "
-                "diffusers' AutoencoderKL.from_single_file(path).save_pretrained(folder)."
-            )
-        else:
-            lines.append("Check that config.json is the one saved with these weights.")
-        raise ValueError(" ".join(lines))
-
-    leaves, wrong = [], []
-    for path, leaf in flat:
-        name = _key_name(path)
-        value = np.asarray(state[name])
-        if value.ndim == 4 and len(leaf.shape) == 4:
-            value = value.transpose(2, 3, 1, 0)  # (O, I, kh, kw) -> (kh, kw, I, O)
-        elif value.ndim == 4 and len(leaf.shape) == 2 and value.shape[2:] == (1, 1):
+    # a parameter's pytree path is its diffusers key, so the skeleton's leaf names are the expected keys
+    shapes = {name: leaf.shape for name, leaf in named_leaves(skeleton).items()}
+    torch_state = {}
+    for name, value in _rename_legacy_attention(state).items():
+        value = np.asarray(value)
+        if value.ndim == 4 and len(shapes.get(name, ())) == 2 and value.shape[2:] == (1, 1):
             value = value[:, :, 0, 0]  # attention projections saved as 1x1 convs
-        if value.shape != leaf.shape:
-            wrong.append(f"{name} (expected {_torch_shape(leaf.shape)}, got {_torch_shape(value.shape)})")
-            continue
-        leaves.append(jnp.asarray(value.astype(np.float32)))
-    if wrong:
-        raise ValueError(
-            f"Tensors in {source} have the wrong shape for {config}: {_few(wrong, 3)}. "
-            "Check that config.json is the one saved with these weights."
+        torch_state[name] = value
+    if any(name.startswith(("first_stage_model.", "encoder.down.", "decoder.up.")) for name in torch_state):
+        advice = (
+            "These look like an original (CompVis/LDM) checkpoint, not diffusers format: convert it once with "
+            "diffusers' AutoencoderKL.from_single_file(path).save_pretrained(folder)."
         )
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    else:
+        advice = "Check that config.json is the one saved with these weights."
+    expected = {name: _torch_shape(shape) for name, shape in shapes.items()}
+    check_tensors(expected, torch_state, source=source, target=str(config), advice=advice)
+    ours = {  # (O, I, kh, kw) -> (kh, kw, I, O)
+        name: (value.transpose(2, 3, 1, 0) if value.ndim == 4 else value).astype(np.float32)
+        for name, value in torch_state.items()
+    }
+    return fill(skeleton, ours, source=source, target=str(config), advice=advice)
 
 
 def _read_state_dict(folder: pathlib.Path) -> tuple[dict[str, np.ndarray], pathlib.Path]:
-    safetensors_path = folder / WEIGHTS_NAME
-    if safetensors_path.is_file():
-        import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so bf16 safetensors read too)
-        from safetensors.numpy import load_file
-
-        try:
-            return load_file(safetensors_path), safetensors_path
-        except Exception as err:  # safetensors raises its own SafetensorError (and others) on bad files
-            raise ValueError(
-                f"Could not read {safetensors_path}: {err}. The file is truncated or corrupt (an interrupted "
-                "download?); download it again."
-            ) from err
-    pickle_path = folder / PICKLE_WEIGHTS_NAME
-    if pickle_path.is_file():
-        try:
-            import torch
-        except ImportError as err:
-            raise ImportError(
-                f"{folder} holds only {PICKLE_WEIGHTS_NAME}, a PyTorch pickle, and torch is not installed. Install "
-                f"torch to read it, or put {WEIGHTS_NAME} (the same weights; the sd-vae-ft-* repos have both) "
-                "next to config.json."
-            ) from err
-        try:
-            # weights_only: a .bin is a pickle, and unpickling arbitrary objects can run code
-            state = torch.load(pickle_path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(
-                f"Could not read {pickle_path} with torch.load(weights_only=True): {err}. The file is corrupt or "
-                "holds more than tensors; download it again or use the safetensors file."
-            ) from err
-        return {name: t.detach().to(torch.float32).numpy() for name, t in state.items()}, pickle_path
+    for path in (folder / WEIGHTS_NAME, folder / PICKLE_WEIGHTS_NAME):
+        if path.is_file():
+            advice = (f"Install torch, or put {WEIGHTS_NAME} (the same weights; the sd-vae-ft-* repos have both) "
+                      f"next to {CONFIG_NAME}.")
+            return read_tensors(path, torch_advice=advice), path
     present = sorted(p.name for p in folder.iterdir())
     raise FileNotFoundError(
         f"{folder} has no {WEIGHTS_NAME} (or {PICKLE_WEIGHTS_NAME}); it holds {_few(present) or 'nothing'}. "
@@ -770,17 +716,13 @@ class StableVAE(eqx.Module):
 
     def save_pretrained(self, folder: str | os.PathLike) -> pathlib.Path:
         """Write `config.json` and `diffusion_pytorch_model.safetensors` as diffusers would; returns the folder."""
-        from safetensors.numpy import save_file
-
         folder = pathlib.Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         tensors = {}
-        for path, leaf in jax.tree_util.tree_flatten_with_path(self.model)[0]:
+        for name, leaf in named_leaves(self.model).items():
             value = np.asarray(leaf, dtype=np.float32)
-            if value.ndim == 4:
-                value = value.transpose(3, 2, 0, 1)  # (kh, kw, I, O) -> (O, I, kh, kw)
-            tensors[_key_name(path)] = np.ascontiguousarray(value)
-        save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+            # (kh, kw, I, O) -> (O, I, kh, kw)
+            tensors[name] = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value
+        write_tensors(folder / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
         # config last: a folder with a config.json is a complete one
         (folder / CONFIG_NAME).write_text(json.dumps(self.config.to_diffusers_config(), indent=2) + "\n")
         return folder

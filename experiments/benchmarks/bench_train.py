@@ -1,10 +1,10 @@
 """Benchmark the compiled training step: steady-state throughput, fraction of peak, memory.
 
-    python experiments/bench_train.py --preset debug --patch_size 2 --image_size 8 --channels 1 \\
+    python experiments/benchmarks/bench_train.py --preset debug --patch_size 2 --image_size 8 --channels 1 \\
         --num_classes 10 --batch_size 128 --steps_per_call 10 --baseline
-    python experiments/bench_train.py --hidden_size 256 --depth 4 --num_heads 4 --patch_size 2 \\
+    python experiments/benchmarks/bench_train.py --hidden_size 256 --depth 4 --num_heads 4 --patch_size 2 \\
         --mlp_ratio 4 --image_size 16 --channels 3 --num_classes 10 --batch_size 64 --baseline
-    python experiments/bench_train.py --preset B/2 --batch_size 256 --precision bf16      # a GPU
+    python experiments/benchmarks/bench_train.py --preset B/2 --batch_size 256 --precision bf16      # a GPU
 
 Each CPU run takes under a minute on 2 cores. The last line printed is one JSON object.
 

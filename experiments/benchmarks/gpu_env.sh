@@ -1,5 +1,5 @@
 # The set-up shared by the prepared GPU scripts, sourced with their arguments: `out` (the results
-# folder: the first argument, else $OUT, else bench_out), `here` (experiments/) and the environment.
+# folder: the first argument, else $OUT, else bench_out), `here` (experiments/benchmarks/) and the environment.
 set -uo pipefail
 out=${1:-${OUT:-bench_out}}
 mkdir -p "$out"

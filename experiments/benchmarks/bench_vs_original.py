@@ -1,7 +1,7 @@
 """rfdit's training step against the Flax original's, side by side in one process.
 
-    python experiments/bench_vs_original.py --original_dir path/to/jax-flow --config debug
-    python experiments/bench_vs_original.py --original_dir path/to/jax-flow --config hidden256 --grad_accum 1
+    python experiments/benchmarks/bench_vs_original.py --original_dir path/to/jax-flow --config debug
+    python experiments/benchmarks/bench_vs_original.py --original_dir path/to/jax-flow --config hidden256 --grad_accum 1
 
 `--original_dir` is a checkout of kvfrans/jax-flow; its `diffusion_transformer.DiT` is
 imported as it is (it needs `pip install flax einops ml_collections`, which rfdit itself

@@ -2,7 +2,7 @@
 # The DiT-B/2 bf16 training step (32x32x4 latents, batch 256) under several settings, side by side in
 # one process (bench_variants.py: interleaved rounds, medians, nominal MFU), then an op-by-op profile
 # of one setting (bench_train.py --profile). About 4 minutes on an H100/H200.
-#     bash experiments/gpu_variants.sh [OUT_DIR]
+#     bash experiments/benchmarks/gpu_variants.sh [OUT_DIR]
 # VARIANTS (space-separated, each as bench_variants.py takes it) and PROFILE_ARGS (bench_train.py flags
 # of the profiled setting) override the defaults below; TINY=1 rehearses with tiny sizes on a CPU.
 source "$(dirname "$0")/gpu_env.sh" "$@"

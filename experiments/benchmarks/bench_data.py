@@ -1,7 +1,7 @@
 """Benchmark the input pipeline inside training: the fraction of step time blocked in `next()`.
 
-    python experiments/bench_data.py --dataset_name digits
-    python experiments/bench_data.py --dataset_name imagefolder --image_size 32
+    python experiments/benchmarks/bench_data.py --dataset_name digits
+    python experiments/benchmarks/bench_data.py --dataset_name imagefolder --image_size 32
 
 The first trains the digits default model (batch 128, 10 steps per call) on the embedded
 digits; the second writes a synthetic 32×32 JPEG folder (4,096 images, 10 classes) to a

@@ -1,6 +1,6 @@
 """Pre-extracted latents against encoding every batch on the fly, on the CPU, with a small VAE.
 
-    python experiments/bench_latents.py            # about 2 minutes on a 2-core CPU
+    python experiments/benchmarks/bench_latents.py  # about 2 minutes on a 2-core CPU
 
 A random VAE (channels 32/64, one layer per block: 8×8×1 digits become 4×4×4 latents) is
 saved in diffusers' format; the same small DiT then trains for --steps steps twice through

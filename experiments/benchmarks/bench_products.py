@@ -2,8 +2,8 @@
 and one attention, forward and backward, with and without rfdit's bf16 backward pass. Every group
 is timed in interleaved rounds in one process; the figures are medians over rounds.
 
-    python experiments/bench_products.py
-    python experiments/bench_products.py --rounds 9 --batch 16 --tokens 64 --width 256 --hidden 1024
+    python experiments/benchmarks/bench_products.py
+    python experiments/benchmarks/bench_products.py --rounds 9 --batch 16 --tokens 64 --width 256 --hidden 1024
 
 1. `matmul`: a jitted size×size product, TFLOP/s: float32; bf16 operands into float32 (what
    `rfdit.nn.layers.product` runs on CPUs); bf16 into bf16 (what it runs on accelerators); float32

@@ -1,10 +1,10 @@
 """rfdit's training step under several settings, compiled in one process and timed in interleaved
 rounds, so that a noisy machine slows every variant alike.
 
-    python experiments/bench_variants.py --config hidden256 --variants attention=xla grad_accum=1
-    python experiments/bench_variants.py --config debug --variants scan_unroll=2 \\
+    python experiments/benchmarks/bench_variants.py --config hidden256 --variants attention=xla grad_accum=1
+    python experiments/benchmarks/bench_variants.py --config debug --variants scan_unroll=2 \\
         xla:xla_cpu_enable_fast_math=true "attention=xla,remat=none"
-    python experiments/bench_variants.py --preset B/2 --batch_size 256 --precision bf16 \\
+    python experiments/benchmarks/bench_variants.py --preset B/2 --batch_size 256 --precision bf16 \\
         --variants residual_dtype=bfloat16 remat=dots                             # a GPU
 
 The first row is always rfdit's defaults. Each variant is a comma-separated list of settings:
@@ -59,7 +59,7 @@ CHOICES = {"remat": tuple(REMAT_POLICIES), "attention": ATTENTION_IMPLEMENTATION
 @dataclasses.dataclass
 class Args:
     config: Literal["debug", "hidden256"] = "debug"
-    """the core configs (see experiments/bench_vs_original.py); --preset replaces it"""
+    """the core configs (see experiments/benchmarks/bench_vs_original.py); --preset replaces it"""
     preset: str | None = None
     """a DiTConfig preset (e.g. B/2) on --image_size x --image_size x --channels with --num_classes"""
     image_size: int = 32

@@ -7,7 +7,8 @@
 #                  (--residual_dtype bfloat16);
 #   b2_f32         the same in float32 (true f32 matmuls: jax_default_matmul_precision=highest), blocks scanned;
 #   xl2_bf16       DiT-XL/2 in bf16 at the largest batch whose compiled step fits (XLA's memory analysis).
-#     bash experiments/gpu_bench.sh [OUT_DIR]     TINY=1: a CPU rehearsal with tiny sizes; BUDGET=seconds for all runs
+#     bash experiments/benchmarks/gpu_bench.sh [OUT_DIR]   TINY=1: a CPU rehearsal with tiny sizes; BUDGET=seconds
+#                                                          for all runs
 # Runs stop early rather than overrun BUDGET (default 480 s); the table at the end says which ran.
 source "$(dirname "$0")/gpu_env.sh" "$@"
 budget=${BUDGET:-480}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 # name -> (hidden_size, depth, num_heads, patch_size or None, mlp_ratio or None)
 _SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
@@ -195,19 +195,68 @@ class OptimConfig(_JsonMixin):
             raise ValueError(f"grad_clip (={self.grad_clip}) must be positive or None.")
 
 
-SolverName = Literal["euler", "midpoint", "heun", "ralston", "tsit5", "dopri5", "dopri8"]
-
-
 @dataclass(frozen=True)
 class SamplerConfig(_JsonMixin):
-    """How to integrate the flow's ODE: fixed steps (`num_steps`) or adaptive (`rtol`/`atol`)."""
+    """Every sampling setting that has a name or a number: what the run config, the sampling study,
+    `sample.py` and `eval_fid.py` use. Solver and controller objects are arguments of `rfdit.solve`
+    and `rfdit.sample`, not settings; `sample_kwargs` turns these settings into those arguments.
 
-    solver: SolverName = "euler"
+    Steps: fixed (`num_steps`, with `time_shift`, or an explicit grid `ts` from 0 to 1) or adaptive
+    (`rtol`/`atol`, with the PID controller's `pcoeff`, `icoeff`, `dtmin`, `dtmax`, and `max_steps`).
+    Guidance: `cfg_scale` on all channels or the first `cfg_channels`, only inside
+    `guidance_interval` when given. `per_sample`: each sample its own adaptive steps.
+    The SDE (`diffusion` not None): its form and `diffusion_norm`, the start time `sample_eps` and the
+    last step (`last_step`, `last_step_size`).
+    """
+
+    solver: str = "euler"
     num_steps: int | None = 32
     rtol: float | None = None
     atol: float | None = None
     cfg_scale: float = 1.0
     time_shift: float = 1.0
+    ts: tuple[float, ...] | None = None
+    pcoeff: float = 0.0
+    icoeff: float = 1.0
+    dtmin: float | None = None
+    dtmax: float | None = None
+    max_steps: int = 4096
+    cfg_channels: int | None = None
+    guidance_interval: tuple[float, float] | None = None
+    per_sample: bool = False
+    diffusion: str | None = None
+    diffusion_norm: float = 1.0
+    sample_eps: float = 0.0
+    last_step: str | None = None
+    last_step_size: float = 0.04
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        data = dict(data)
+        for name in ("ts", "guidance_interval"):  # JSON lists back to tuples
+            if data.get(name) is not None:
+                data[name] = tuple(float(t) for t in data[name])
+        return super().from_dict(data)
+
+    def sample_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `rfdit.sample` that these settings give (the ODE's)."""
+        import diffrax as dfx
+
+        kwargs: dict[str, Any] = dict(solver=self.solver, cfg_scale=self.cfg_scale, max_steps=self.max_steps,
+                                      guidance_interval=self.guidance_interval, cfg_channels=self.cfg_channels,
+                                      per_sample=self.per_sample)
+        if self.ts is not None:
+            kwargs["ts"] = self.ts
+        elif self.num_steps is not None:
+            kwargs.update(num_steps=self.num_steps, time_shift=self.time_shift)
+        elif (self.pcoeff, self.icoeff, self.dtmin, self.dtmax) == (0.0, 1.0, None, None):
+            kwargs.update(rtol=self.rtol, atol=self.atol)
+        else:
+            rtol = self.atol if self.rtol is None else self.rtol
+            atol = self.rtol if self.atol is None else self.atol
+            kwargs["stepsize_controller"] = dfx.PIDController(
+                rtol=rtol, atol=atol, pcoeff=self.pcoeff, icoeff=self.icoeff, dtmin=self.dtmin, dtmax=self.dtmax)
+        return kwargs
 
     def __post_init__(self):
         if self.num_steps is None and self.rtol is None and self.atol is None:
@@ -216,3 +265,23 @@ class SamplerConfig(_JsonMixin):
             raise ValueError(f"num_steps (={self.num_steps}) must be positive.")
         if self.time_shift <= 0 or not math.isfinite(self.time_shift):
             raise ValueError(f"time_shift (={self.time_shift}) must be a positive number.")
+        from .sampling import SOLVERS  # the one list of solver names
+
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver (={self.solver!r}) must be one of {list(SOLVERS)}.")
+        if self.ts is not None and (len(self.ts) < 2 or self.ts[0] != 0.0 or self.ts[-1] != 1.0
+                                    or any(b <= a for a, b in zip(self.ts, self.ts[1:]))):
+            raise ValueError(f"ts (={self.ts}) must rise from 0 to 1.")
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps (={self.max_steps}) must be >= 1.")
+        if self.guidance_interval is not None:
+            lo, hi = self.guidance_interval
+            if not 0.0 <= lo < hi <= 1.0:
+                raise ValueError(f"guidance_interval (={self.guidance_interval}) must be (lo, hi), 0 <= lo < hi <= 1.")
+        if self.cfg_channels is not None and self.cfg_channels < 1:
+            raise ValueError(f"cfg_channels (={self.cfg_channels}) must be positive or None.")
+        if self.last_step not in (None, "mean", "tweedie", "euler"):
+            raise ValueError(f"last_step (={self.last_step!r}) must be one of None, 'mean', 'tweedie', 'euler'.")
+        _check_positive(self, "diffusion_norm", "last_step_size")
+        if not 0.0 <= self.sample_eps < 1.0:
+            raise ValueError(f"sample_eps (={self.sample_eps}) must lie in [0, 1).")

@@ -8,7 +8,7 @@ and solves it for a batch.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import diffrax as dfx
 import equinox as eqx
@@ -27,6 +27,8 @@ SOLVERS: dict[str, type[dfx.AbstractSolver]] = {
     "dopri8": dfx.Dopri8,
 }
 """The solvers that have a name: `solve(..., solver=name)`, `SamplerConfig.solver` and the CLIs' `--solver`."""
+
+SolverName = Literal[tuple(SOLVERS)]  # type: ignore[valid-type]  # the names, for CLI choices
 
 ON_FAILURE = ("raise", "return")
 

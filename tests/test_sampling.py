@@ -1,3 +1,5 @@
+import json
+
 import diffrax as dfx
 import equinox as eqx
 import jax
@@ -270,3 +272,24 @@ def test_sample_repa_convention_flips_time_and_sign(getkey):
     np.testing.assert_allclose(
         model_velocity(flipped, x, jnp.asarray(0.2), y), -model(x, jnp.asarray(0.8), y), rtol=1e-6
     )
+
+
+def test_sampler_config_round_trips_and_builds_the_solve(getkey):
+    cfg = rfdit.SamplerConfig(solver="dopri5", num_steps=None, rtol=1e-3, pcoeff=0.3, icoeff=0.4, dtmax=0.05,
+                              guidance_interval=(0.1, 0.9), cfg_scale=2.0, max_steps=64)
+    assert rfdit.SamplerConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    kwargs = cfg.sample_kwargs()
+    controller = kwargs.pop("stepsize_controller")
+    assert (controller.pcoeff, controller.icoeff, controller.dtmax, controller.rtol, controller.atol) == \
+        (0.3, 0.4, 0.05, 1e-3, 1e-3)
+    model = tiny_model(getkey())
+    _, stats = rfdit.sample(model, jr.normal(getkey(), (2, 4, 4, 2)), jnp.arange(2), stepsize_controller=controller,
+                            **kwargs)
+    assert int(stats["num_steps"]) >= 20  # dtmax 0.05 honoured
+    # settings saved before these fields existed still load, with the defaults
+    old = {"solver": "euler", "num_steps": 32, "rtol": None, "atol": None, "cfg_scale": 1.0, "time_shift": 1.0}
+    assert rfdit.SamplerConfig.from_dict(old) == rfdit.SamplerConfig()
+    with pytest.raises(ValueError, match="solver"):
+        rfdit.SamplerConfig(solver="rk4")
+    with pytest.raises(ValueError, match="guidance_interval"):
+        rfdit.SamplerConfig(guidance_interval=(0.8, 0.2))

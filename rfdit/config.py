@@ -12,6 +12,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import diffrax as dfx
+
+from .sampling import SOLVERS  # the one list of solver names
+
 # name -> (hidden_size, depth, num_heads, patch_size or None, mlp_ratio or None)
 _SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
 PRESETS: dict[str, dict[str, Any]] = {
@@ -240,8 +244,6 @@ class SamplerConfig(_JsonMixin):
 
     def sample_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `rfdit.sample` that these settings give (the ODE's)."""
-        import diffrax as dfx
-
         kwargs: dict[str, Any] = dict(solver=self.solver, cfg_scale=self.cfg_scale, max_steps=self.max_steps,
                                       guidance_interval=self.guidance_interval, cfg_channels=self.cfg_channels,
                                       per_sample=self.per_sample)
@@ -265,8 +267,6 @@ class SamplerConfig(_JsonMixin):
             raise ValueError(f"num_steps (={self.num_steps}) must be positive.")
         if self.time_shift <= 0 or not math.isfinite(self.time_shift):
             raise ValueError(f"time_shift (={self.time_shift}) must be a positive number.")
-        from .sampling import SOLVERS  # the one list of solver names
-
         if self.solver not in SOLVERS:
             raise ValueError(f"solver (={self.solver!r}) must be one of {list(SOLVERS)}.")
         if self.ts is not None and (len(self.ts) < 2 or self.ts[0] != 0.0 or self.ts[-1] != 1.0

@@ -26,7 +26,7 @@ import numpy as np
 
 from . import plots
 from .cli import run_cli
-from .checkpoint import Checkpointer, CheckpointError, export_model, load_export
+from .checkpoint import Checkpointer, CheckpointError, checkpoint_dir, export_model, restore_run
 from .config import PRESETS, DiTConfig, FlowConfig, OptimConfig, SamplerConfig, compute_dtype
 from .data import load_dataset
 from .data.digits import LEVELS as DIGITS_LEVELS
@@ -502,30 +502,6 @@ def _run_dir(save_dir: str | None) -> pathlib.Path:
     return path
 
 
-def _checkpoint_dir(load_dir: str) -> pathlib.Path:
-    path = pathlib.Path(load_dir)
-    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
-
-
-def load_model(path: str | pathlib.Path) -> tuple[DiT, dict[str, Any]]:
-    """The EMA model of a run folder, a checkpoints/ folder or an export folder, and its config."""
-    path = pathlib.Path(path)
-    if (path / "model.safetensors").is_file():
-        return load_export(path)
-    if (path / "export" / "model.safetensors").is_file() and not (path / "checkpoints").is_dir():
-        return load_export(path / "export")
-    ckpt_dir = _checkpoint_dir(str(path))
-    with Checkpointer(ckpt_dir, read_only=True) as checkpointer:
-        _, meta = checkpointer.read_meta()
-        cfg = DiTConfig.from_dict(meta["run"]["model"])
-        template = DiT(cfg, key=jr.key(0))
-        optimizer = make_optimizer(OptimConfig.from_dict(meta["run"]["optim"]))
-        with jax.numpy_dtype_promotion("standard"):
-            state = TrainState.create(template, optimizer, key=jr.key(0))
-        state, meta = checkpointer.restore(state)
-    return state.ema, {"model": meta["run"]["model"], **meta["run"]}
-
-
 def train(args: TrainArgs) -> dict[str, Any]:
     """Run training as configured; returns a summary (and writes the run folder)."""
     run = resolve(args)
@@ -607,22 +583,13 @@ def _model_space(run: RunConfig, vae):
 def _train(args, run, run_dir, state, optimizer, checkpointer, sample_key, is_main) -> dict[str, Any]:
     start_step = 0
     if args.load_dir is not None:
-        with Checkpointer(_checkpoint_dir(args.load_dir), read_only=True) as source:
-            step, meta = source.read_meta()
-            saved_model = meta.get("run", {}).get("model")
-            if saved_model != run.model.to_dict():
-                raise CheckpointError(
-                    f"the checkpoint in {args.load_dir} was made for model {saved_model}; this run resolves to "
-                    f"{run.model.to_dict()}. Pass the same flags as the saved run (see its config.json)."
-                )
-            state, meta = source.restore(state)
-        start_step = int(meta["data_step"])
+        state, start_step = restore_run(args.load_dir, state, run.model)
         if start_step % run.steps_per_call:
             raise CheckpointError(
                 f"the checkpoint is at step {start_step}, not a multiple of --steps_per_call {run.steps_per_call}; "
                 "resume with a steps_per_call that divides it."
             )
-        print(f"resumed from {_checkpoint_dir(args.load_dir)} at step {start_step}")
+        print(f"resumed from {checkpoint_dir(args.load_dir)} at step {start_step}")
     if is_main:
         (run_dir / "config.json").write_text(json.dumps(run.to_dict(), indent=2))
 
@@ -750,8 +717,8 @@ def _fid(model, run: RunConfig, vae, key) -> dict[str, Any]:
     """FID on fewer samples than a final evaluation, as the original did at eval intervals."""
     from .generation import fid_during_training
 
-    values = fid_during_training(model, run, run.fid_stats, num_samples=FID_SAMPLES_DURING_TRAINING, key=key,
-                                 vae=vae)
+    values = fid_during_training(model, run.fid_stats, sampler=run.sampler, num_samples=FID_SAMPLES_DURING_TRAINING,
+                                 batch_size=min(run.batch_size, FID_SAMPLES_DURING_TRAINING), key=key, vae=vae)
     return {f"eval/{k}": v for k, v in values.items()}
 
 

@@ -284,14 +284,13 @@ def test_eval_fid_cli_without_fid_stats_uses_the_run_data_set(digits_run, random
         np.testing.assert_array_equal(computed["mu"], recorder.calls[0][2])
 
 
-def test_fid_during_training_uses_the_run_sampler(digits_run, digits_model, random_reference, monkeypatch):
+def test_fid_during_training_uses_the_given_sampler(digits_model, random_reference, monkeypatch):
     reference, _ = random_reference
     recorder = RecordingFrechet()
     monkeypatch.setattr(generation, "frechet_distance", recorder)
-    run_config = json.loads((digits_run / "config.json").read_text())
-    run_config["sampler"]["num_steps"] = 8
     features, _ = generation.inception_features(random_seed=0)
-    figures = generation.fid_during_training(digits_model, run_config, reference, num_samples=int(NUM_FID_IMAGES),
+    figures = generation.fid_during_training(digits_model, reference, sampler=rfdit.SamplerConfig(num_steps=8),
+                                             num_samples=int(NUM_FID_IMAGES), batch_size=int(NUM_FID_IMAGES),
                                              key=jr.key(0), feature_fn=features)
     assert set(figures) == {"fid", "fid_num_samples", "fid_nfe", "fid_time_s"}
     assert figures["fid_nfe"] == 8 and figures["fid_num_samples"] == 4 and figures["fid"] >= 0

@@ -78,7 +78,7 @@ def test_compat_v1_run_folder_loads_the_exported_ema(expected):
     import jax
     from safetensors.numpy import load_file
 
-    from rfdit.experiment import load_model
+    from rfdit.checkpoint import load_model
 
     model, config = load_model(FIXTURE)
     leaves = {jax.tree_util.keystr(path, simple=True, separator="."): np.asarray(leaf)

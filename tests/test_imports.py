@@ -23,8 +23,17 @@ def modules(source: pathlib.Path) -> dict[str, tuple[pathlib.Path, bool]]:
     return out
 
 
-def import_graph(source: pathlib.Path = SOURCE) -> dict[str, dict[str, int]]:
-    """module -> {imported module of the same package: line of the first import}, function-level ones included.
+def _imports(tree: ast.AST, in_function: bool = False):
+    """(import node, whether it sits inside a function) for every import statement under `tree`."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node, in_function
+        yield from _imports(node, in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)))
+
+
+def import_graph(source: pathlib.Path = SOURCE, *, in_functions: bool | None = None) -> dict[str, dict[str, int]]:
+    """module -> {imported module of the same package: line of the first import}, function-level ones included
+    (only those with `in_functions=True`, none with False).
 
     `from .a import b` counts as an import of `a.b` when that is a module, else of `a`; a parent package that
     Python also runs on the way is not counted (a module importing its own package's names is no cycle).
@@ -41,7 +50,9 @@ def import_graph(source: pathlib.Path = SOURCE) -> dict[str, dict[str, int]]:
     for name, (path, is_package) in table.items():
         package = name if is_package else name.rpartition(".")[0]
         edges: dict[str, int] = {}
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node, in_function in _imports(ast.parse(path.read_text(), str(path))):
+            if in_functions is not None and in_function != in_functions:
+                continue
             targets = []
             if isinstance(node, ast.Import):
                 targets = [known(alias.name) for alias in node.names if alias.name.split(".")[0] == root]
@@ -121,6 +132,14 @@ def test_imports_no_library_module_imports_the_run():
     assert not offending, "library modules importing the run: " + "; ".join(offending)
 
 
+def test_imports_of_rfdit_modules_sit_at_module_level():
+    # a lazy import hides a cycle until the function runs; only heavy or optional third-party packages
+    # (torch, tensorflow-datasets, wandb, orbax, scikit-learn's models...) are imported inside functions
+    lazy = [f"{a} -> {b} (line {line})" for a, edges in sorted(import_graph(in_functions=True).items())
+            for b, line in sorted(edges.items())]
+    assert not lazy, "rfdit modules imported inside functions; import them at module level: " + "; ".join(lazy)
+
+
 def test_imports_graph_sees_function_level_and_relative_imports(tmp_path):
     package = tmp_path / "pkg"
     (package / "sub").mkdir(parents=True)
@@ -133,4 +152,6 @@ def test_imports_graph_sees_function_level_and_relative_imports(tmp_path):
     assert graph == {"pkg": {"pkg.a": 1}, "pkg.a": {"pkg.sub.b": 4}, "pkg.c": {"pkg.sub.b": 2}, "pkg.sub": {},
                      "pkg.sub.b": {"pkg.c": 1, "pkg.a": 2}}
     assert cycles(graph) == [["pkg.a", "pkg.c", "pkg.sub.b"]]
+    assert import_graph(package, in_functions=True) == {"pkg": {}, "pkg.a": {"pkg.sub.b": 4}, "pkg.c": {"pkg.sub.b": 2},
+                                                         "pkg.sub": {}, "pkg.sub.b": {}}
     assert cycles({"x": {"x": 1}}) == [["x"]] and cycles({"x": {"y": 1}, "y": {}}) == []

@@ -106,7 +106,8 @@ def build(run: RunConfig, run_dir: pathlib.Path, keys: RunKeys, *, load_dir: str
     vae = load_vae(run)
     if vae is not None:
         vae = shard_state(vae, make_mesh(1))  # replicated next to the batch
-    if (data.image_size, data.channels) != (run.model.image_size, run.model.in_channels) and not run.data.use_stable_vae:
+    model_shape = (run.model.image_size, run.model.in_channels)
+    if (data.image_size, data.channels) != model_shape and not run.data.use_stable_vae:
         raise ValueError(
             f"the data set gives {data.image_size}×{data.image_size}×{data.channels} images but the model expects "
             f"{run.model.image_size}×{run.model.image_size}×{run.model.in_channels}; check --image_size."

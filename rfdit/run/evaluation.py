@@ -109,10 +109,10 @@ class Evaluation:
             return
         self.log(step, self.evaluate(ema, step, num=0))
         sets = EVAL_SETS if self.evaluator is not None else 1
-        images, labels, info_sampler = self.generate(ema, sets * n, key=jr.fold_in(self.key, FINAL_SAMPLES_STREAM))
+        images, labels, sampler_info = self.generate(ema, sets * n, key=jr.fold_in(self.key, FINAL_SAMPLES_STREAM))
         np.savez_compressed(self.dir / "samples.npz", images=images.astype(np.float32), labels=labels)
         plots.loss_curve(self.dir / "metrics.jsonl", self.grid_dir / "loss_curve.png")
-        report: dict[str, Any] = {"step": step, "num_samples": len(images), "sampler": info_sampler, "model": "ema"}
+        report: dict[str, Any] = {"step": step, "num_samples": len(images), "sampler": sampler_info, "model": "ema"}
         if self.evaluator is not None:
             per_set = [self.evaluator.evaluate(images[i * n:(i + 1) * n], labels[i * n:(i + 1) * n])
                        for i in range(sets)]

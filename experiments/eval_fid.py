@@ -42,8 +42,7 @@ from rfdit.generation import (
     uniform_labels,
 )
 from rfdit.metrics import frechet_distance
-
-Solver = Literal["euler", "midpoint", "heun", "ralston", "tsit5", "dopri5", "dopri8"]
+from rfdit.sampling import SolverName as Solver
 
 
 @dataclasses.dataclass

@@ -18,7 +18,7 @@ import dataclasses
 import datetime
 import json
 import pathlib
-from typing import Any, Literal
+from typing import Any
 
 import jax.random as jr
 import numpy as np
@@ -26,8 +26,8 @@ import numpy as np
 from rfdit import plots
 from rfdit.cli import run_cli
 from rfdit.generation import generate, grid_shape, load_for_sampling, resolve_sampler, uniform_labels
+from rfdit.sampling import SolverName as Solver
 
-Solver = Literal["euler", "midpoint", "heun", "ralston", "tsit5", "dopri5", "dopri8"]
 
 
 @dataclasses.dataclass
@@ -90,7 +90,9 @@ def run(args: SampleArgs) -> dict[str, Any]:
     else:
         labels = uniform_labels(args.num_samples or 16, num_classes, key=label_key)
     images, stats = generate(
-        model, labels=labels, key=noise_key, **settings.to_dict(), guidance_interval=args.guidance_interval,
+        model, labels=labels, key=noise_key, solver=settings.solver, num_steps=settings.num_steps,
+        rtol=settings.rtol, atol=settings.atol, cfg_scale=settings.cfg_scale, time_shift=settings.time_shift,
+        guidance_interval=args.guidance_interval,
         cfg_channels=args.cfg_channels, batch_size=min(args.batch_size, len(labels)), vae=vae,
     )
 

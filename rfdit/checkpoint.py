@@ -1,4 +1,5 @@
-"""Checkpoints (Orbax: complete training state, atomic, last K kept) and exports (safetensors).
+"""Checkpoints (Orbax: complete training state, atomic, last K kept) and exports (safetensors): saving them,
+and loading what a run left behind (`load_model`, `restore_run`).
 
 A checkpoint holds everything needed to continue: model, EMA, optimizer state, step,
 key (as raw key data), the data position and the resolved config. Orbax writes each
@@ -26,8 +27,9 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import PyTree
 
-from .config import DiTConfig
+from .config import DiTConfig, OptimConfig
 from .nn.dit import DiT
+from .train import TrainState, make_optimizer
 from .weights import fill, leaf_name, read_safetensors, write_tensors
 
 EXPORT_FORMAT = "rfdit-export"
@@ -197,3 +199,49 @@ def load_export(directory: str | os.PathLike) -> tuple[DiT, dict[str, Any]]:
     except ValueError as error:
         raise CheckpointError(str(error)) from error
     return model, config
+
+
+def checkpoint_dir(path: str | os.PathLike) -> pathlib.Path:
+    """The checkpoints/ folder of a run folder, or `path` itself when it is one."""
+    path = pathlib.Path(path)
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def load_model(path: str | os.PathLike) -> tuple[DiT, dict[str, Any]]:
+    """The EMA model of a run folder, a checkpoints/ folder or an export folder, and its config.
+
+    The config is the export's config.json, or for a checkpoint its run config with the model's config
+    under "model".
+    """
+    path = pathlib.Path(path)
+    if (path / "model.safetensors").is_file():
+        return load_export(path)
+    if (path / "export" / "model.safetensors").is_file() and not (path / "checkpoints").is_dir():
+        return load_export(path / "export")
+    with Checkpointer(checkpoint_dir(path), read_only=True) as checkpointer:
+        _, meta = checkpointer.read_meta()
+        cfg = DiTConfig.from_dict(meta["run"]["model"])
+        template = DiT(cfg, key=jr.key(0))
+        optimizer = make_optimizer(OptimConfig.from_dict(meta["run"]["optim"]))
+        with jax.numpy_dtype_promotion("standard"):
+            state = TrainState.create(template, optimizer, key=jr.key(0))
+        state, meta = checkpointer.restore(state)
+    return state.ema, {"model": meta["run"]["model"], **meta["run"]}
+
+
+def restore_run(load_dir: str | os.PathLike, template: PyTree, model: DiTConfig) -> tuple[PyTree, int]:
+    """The training state saved in a run folder (or its checkpoints/), to resume from, and its data step.
+
+    `template` gives the state's structure, shapes and shardings; a checkpoint made for another model
+    than `model` is refused with a `CheckpointError` that says what to pass.
+    """
+    with Checkpointer(checkpoint_dir(load_dir), read_only=True) as source:
+        _, meta = source.read_meta()
+        saved_model = meta.get("run", {}).get("model")
+        if saved_model != model.to_dict():
+            raise CheckpointError(
+                f"the checkpoint in {load_dir} was made for model {saved_model}; this run resolves to "
+                f"{model.to_dict()}. Pass the same flags as the saved run (see its config.json)."
+            )
+        state, meta = source.restore(template)
+    return state, int(meta["data_step"])

@@ -16,6 +16,7 @@ import os
 import equinox as eqx
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import PyTree
 
@@ -123,8 +124,6 @@ def local_copy(tree: PyTree) -> PyTree:
 
     Every process must call it: sharded arrays are gathered collectively.
     """
-    from jax.experimental import multihost_utils
-
     def fetch(x):
         if not eqx.is_array(x) or x.is_fully_addressable:
             return x

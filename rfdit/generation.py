@@ -30,11 +30,16 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Float, Int, PRNGKeyArray
+from tqdm.auto import tqdm
 
+from .checkpoint import load_model
 from .config import SamplerConfig
-from .metrics.fid import compute_statistics, fid_inception, frechet_distance, load_statistics
+from .data import load_dataset
+from .metrics.fid import compute_statistics, fid_inception, frechet_distance, load_statistics, save_statistics
 from .nn.dit import DiT
+from .nn.inception import InceptionV3, load_inception
 from .nn.vae import StableVAE
 from .sampling import SOLVERS, sample
 
@@ -58,15 +63,11 @@ def _mesh() -> jax.sharding.Mesh:
 
 def _shard_batch(x: Array) -> Array:
     """Place a batch split along its first axis over all devices (full mesh support replaces this)."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
     return jax.device_put(x, NamedSharding(_mesh(), P("data")))
 
 
 def _replicate(tree):
     """The arrays of `tree` copied to every device of the mesh, so sharded batches meet them there."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
     if tree is None:
         return None
     arrays, static = eqx.partition(tree, eqx.is_array)
@@ -95,15 +96,13 @@ def load_for_sampling(
     """(EMA model, config dict, VAE or None) from a run folder, its checkpoints/ or an export folder.
 
     Args:
-        load_dir: what `rfdit.experiment.load_model` reads.
+        load_dir: what `rfdit.checkpoint.load_model` reads.
         vae: a diffusers-format VAE folder or Hub id; beats the one the config names.
         vae_dtype: the VAE's compute dtype ("float32" or "bfloat16").
 
     A latent model (its config says so, see `vae_source`, or it has neither 1 nor 3 channels) gets its VAE
     loaded; one without a VAE path is an error that says to pass `vae`.
     """
-    from .experiment import load_model  # experiment imports this module's FID helpers
-
     model, config = load_model(load_dir)
     latent, source = vae_source(config)
     latent = latent or model.config.in_channels not in (1, 3)  # e.g. an imported export that names no VAE
@@ -304,8 +303,6 @@ def generate_batches(
         bar.set_postfix(nfe=batch.nfe)
         return batch
 
-    from tqdm.auto import tqdm
-
     with tqdm(total=num, desc="sampling", unit="img", disable=not progress, dynamic_ncols=True) as bar:
         pending = None
         for start in range(0, num, batch_size):
@@ -373,8 +370,6 @@ def generate(
 
 def _random_inception(seed: int):
     """The FID Inception with He-normal random weights drawn by numpy (seconds, not a minute of op-by-op compiles)."""
-    from .nn.inception import InceptionV3
-
     skeleton = eqx.filter_eval_shape(InceptionV3, key=jr.key(0))
     rng = np.random.default_rng(seed)
 
@@ -406,8 +401,6 @@ def inception_features(
     if cache_key not in _FEATURE_FUNCTIONS:
         model = _random_inception(random_seed) if random_seed is not None else None
         if model is None:
-            from .nn.inception import load_inception
-
             model = load_inception(weights_path)
         if jax.device_count() > 1:
             model = _replicate(model)
@@ -431,8 +424,6 @@ def save_fid_statistics(
     feature_extractor: str, **info: str | int | float,
 ) -> pathlib.Path:
     """Write an ADM-style npz (`mu`, `sigma`, float64) that also names its feature extractor and `info`."""
-    from .metrics.fid import save_statistics
-
     save_statistics(path, mu, sigma, feature_extractor=feature_extractor, **info)
     return pathlib.Path(path).expanduser()
 
@@ -534,8 +525,6 @@ def dataset_statistics(
     (when the source reports its epoch length), at most `max_images`. `split="eval"` uses the held-out
     images.
     """
-    from .data import load_dataset
-
     kwargs = {k: v for k, v in dict(path=dataset_path, image_size=image_size, tfds_data_dir=tfds_data_dir).items()
               if v is not None}
     kwargs.setdefault("flip", False)  # reference statistics of the data as it is, not augmented
@@ -565,13 +554,13 @@ def dataset_statistics(
 
 def fid_during_training(
     model: DiT,
-    run_config: Any,
     fid_stats_path: str | os.PathLike,
     *,
+    sampler: SamplerConfig,
     num_samples: int,
+    batch_size: int,
     key: PRNGKeyArray,
     vae: StableVAE | None = None,
-    batch_size: int | None = None,
     inception_weights: str | os.PathLike | None = None,
     feature_fn: Callable | None = None,
 ) -> dict[str, float | int]:
@@ -579,12 +568,12 @@ def fid_during_training(
 
     Args:
         model: the (EMA) model.
-        run_config: the run's `RunConfig` (or its `to_dict()`); its `sampler` and `batch_size` are used.
         fid_stats_path: an npz with `mu`, `sigma` (fid_stats.py or ADM's reference batches).
+        sampler: how to sample (a run's `sampler` section).
         num_samples: samples per evaluation (the original used a few thousand during training).
+        batch_size: sampling and Inception batch (a run uses min(its batch size, num_samples)).
         key: labels (uniform over classes) and noise come from it.
-        vae: the decoder of a latent run (required there).
-        batch_size: sampling and Inception batch; default min(run batch size, num_samples).
+        vae: the decoder of a latent model (required there).
         inception_weights: published Inception weights (default location when None).
         feature_fn: a replacement feature function (tests); `inception_weights` is then ignored.
 
@@ -593,21 +582,16 @@ def fid_during_training(
     `fid_time_s` covers sampling, Inception and the Fréchet distance.
     The Inception is loaded and compiled once per process and reused by later evaluations.
     """
-    config = run_config.to_dict() if hasattr(run_config, "to_dict") else dict(run_config)
-    if config.get("use_stable_vae") and vae is None:
-        raise ValueError("this run works in latent space; pass vae= so samples are decoded before the Inception.")
     if feature_fn is None:
         feature_fn, extractor = inception_features(inception_weights)
         ref_mu, ref_sigma = load_reference(fid_stats_path, extractor)
     else:
         ref_mu, ref_sigma = load_statistics(fid_stats_path)
     label_key, noise_key = jr.split(key)
-    model_cfg = model.config
-    labels = uniform_labels(num_samples, model_cfg.num_classes, key=label_key)
-    batch_size = batch_size or min(int(config.get("batch_size") or num_samples), num_samples)
+    labels = uniform_labels(num_samples, model.config.num_classes, key=label_key)
     mu, sigma, stats = sample_statistics(
-        model, feature_fn, labels=labels, key=noise_key, sampler=resolve_sampler(config), batch_size=batch_size,
-        vae=vae, progress=False,
+        model, feature_fn, labels=labels, key=noise_key, sampler=sampler, batch_size=batch_size, vae=vae,
+        progress=False,
     )
     start = time.perf_counter()
     fid = frechet_distance(mu, sigma, ref_mu, ref_sigma)

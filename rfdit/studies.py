@@ -32,7 +32,7 @@ import os
 import pathlib
 import platform
 import time
-from typing import Any, Literal
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -40,9 +40,12 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
-from .sampling import SOLVERS, evaluations_per_step, guided_field, solve, time_grid
+from .checkpoint import load_model
+from .metrics.digits import DigitsEvaluator
+from .metrics.fid import compute_statistics, fid_inception, frechet_distance, load_statistics
+from .plots import _pyplot
+from .sampling import SOLVERS, SolverName, evaluations_per_step, guided_field, solve, time_grid
 
-SolverName = Literal["euler", "midpoint", "heun", "ralston", "tsit5", "dopri5", "dopri8"]
 
 COLUMNS = (
     "solver", "num_steps", "rtol", "atol", "nfe", "seconds_per_sample", "rms_error",
@@ -232,13 +235,9 @@ class _Quality:
     def __init__(self, digits: bool, fid_stats: str | None, inception_weights: str | None):
         self.evaluator = None
         if digits:
-            from .metrics.digits import DigitsEvaluator
-
             self.evaluator = DigitsEvaluator()
         self.fid = None
         if fid_stats is not None:
-            from .metrics.fid import fid_inception, load_statistics
-
             self.fid = (fid_inception(inception_weights), *load_statistics(fid_stats))
 
     def __call__(self, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -248,8 +247,6 @@ class _Quality:
         if self.evaluator is not None:
             out.update(self.evaluator.evaluate(images, labels))
         if self.fid is not None:
-            from .metrics.fid import compute_statistics, frechet_distance
-
             feature_fn, ref_mu, ref_sigma = self.fid
             rgb = np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
             if rgb.shape[-1] != 3:
@@ -293,8 +290,6 @@ def _fmt(value) -> str:
 
 def run_study(cfg: StudyConfig, *, command: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Run the study configured by `cfg`; writes its files into `cfg.out` and returns study.json's content."""
-    from .experiment import load_model
-
     out = pathlib.Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     model, config = load_model(cfg.load_dir)
@@ -522,8 +517,6 @@ def _lines(rows):
 
 def plot_study(rows, out: pathlib.Path, evaluator_references=None) -> list[pathlib.Path]:
     """error_vs_nfe.png and (with quality figures) quality_vs_nfe.png, log-log, one line per solver."""
-    from .plots import _pyplot
-
     plt = _pyplot()
     grid = _grid_rows(rows)
     if not grid:

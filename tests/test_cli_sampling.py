@@ -109,8 +109,8 @@ def test_sample_cli_dopri5_adaptive_reports_nfe(digits_run, tmp_path, capsys):
     # Dopri5 is FSAL with 7 stages: one evaluation at the start, then 6 per attempted step.
     assert all(n > 1 and (n - 1) % 6 == 0 for n in nfe)
     assert f"total NFE {sum(nfe)}" in printed
-    assert report["sampler"] == {"solver": "dopri5", "num_steps": None, "rtol": 0.01, "atol": 0.01,
-                                 "cfg_scale": 1.5, "time_shift": 1.0}
+    assert report["sampler"] == rfdit.SamplerConfig(solver="dopri5", num_steps=None, rtol=0.01, atol=0.01,
+                                                    cfg_scale=1.5).to_dict()
     assert report["labels"] == "uniform over 10 classes"
 
 
@@ -149,10 +149,8 @@ def test_generate_padded_batches_match_one_solve(digits_model):
 def test_resolve_sampler_explicit_beats_saved_beats_default():
     saved = {"sampler": {"solver": "heun", "num_steps": 12, "rtol": None, "atol": None, "cfg_scale": 1.5,
                          "time_shift": 2.0}}
-    assert resolve_sampler(saved).to_dict() == dict(solver="heun", num_steps=12, rtol=None, atol=None,
-                                                    cfg_scale=1.5, time_shift=2.0)
-    assert resolve_sampler({}).to_dict() == dict(solver="euler", num_steps=32, rtol=None, atol=None, cfg_scale=1.0,
-                                                 time_shift=1.0)
+    assert resolve_sampler(saved) == rfdit.SamplerConfig(solver="heun", num_steps=12, cfg_scale=1.5, time_shift=2.0)
+    assert resolve_sampler({}) == rfdit.SamplerConfig(solver="euler", num_steps=32, cfg_scale=1.0, time_shift=1.0)
     adaptive = resolve_sampler(saved, solver="dopri5", atol=1e-6, cfg_scale=0)
     assert (adaptive.num_steps, adaptive.rtol, adaptive.atol, adaptive.cfg_scale, adaptive.time_shift) == (
         None, 1e-6, 1e-6, 0.0, 1.0)
@@ -284,14 +282,13 @@ def test_eval_fid_cli_without_fid_stats_uses_the_run_data_set(digits_run, random
         np.testing.assert_array_equal(computed["mu"], recorder.calls[0][2])
 
 
-def test_fid_during_training_uses_the_run_sampler(digits_run, digits_model, random_reference, monkeypatch):
+def test_fid_during_training_uses_the_given_sampler(digits_model, random_reference, monkeypatch):
     reference, _ = random_reference
     recorder = RecordingFrechet()
     monkeypatch.setattr(generation, "frechet_distance", recorder)
-    run_config = json.loads((digits_run / "config.json").read_text())
-    run_config["sampler"]["num_steps"] = 8
     features, _ = generation.inception_features(random_seed=0)
-    figures = generation.fid_during_training(digits_model, run_config, reference, num_samples=int(NUM_FID_IMAGES),
+    figures = generation.fid_during_training(digits_model, reference, sampler=rfdit.SamplerConfig(num_steps=8),
+                                             num_samples=int(NUM_FID_IMAGES), batch_size=int(NUM_FID_IMAGES),
                                              key=jr.key(0), feature_fn=features)
     assert set(figures) == {"fid", "fid_num_samples", "fid_nfe", "fid_time_s"}
     assert figures["fid_nfe"] == 8 and figures["fid_num_samples"] == 4 and figures["fid"] >= 0

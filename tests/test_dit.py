@@ -1,5 +1,3 @@
-import functools as ft
-import itertools
 import time
 
 import equinox as eqx

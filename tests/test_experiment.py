@@ -25,24 +25,24 @@ def test_flags_original_commands_parse():
     run = resolved("--dataset_name", "cifar10", "--batch_size", "128", "--model.preset", "big",
                    "--model.patch_size", "8", "--model.use_stable_vae", "0")
     assert run.model.patch_size == 8 and run.model.hidden_size == 768  # the flag beats the preset
-    assert run.model.num_classes == 10 and run.model.image_size == 32 and not run.use_stable_vae
+    assert run.model.num_classes == 10 and run.model.image_size == 32 and not run.data.use_stable_vae
     run = resolved("--dataset_name", "imagenet256", "--wandb.name", "DiT-B", "--model.depth", "12",
                    "--model.hidden_size", "768", "--model.patch_size", "2", "--model.num_heads", "16",
                    "--model.mlp_ratio", "4", "--batch_size", "512")
-    assert run.use_stable_vae and (run.model.image_size, run.model.in_channels) == (32, 4)
+    assert run.data.use_stable_vae and (run.model.image_size, run.model.in_channels) == (32, 4)
     assert run.model.num_heads == 16 and run.wandb["name"] == "DiT-B"
     run = resolved("--dataset_name", "celebahq256", "--model.patch_size", "8", "--use_stable_vae", "0")
-    assert not run.use_stable_vae and (run.model.image_size, run.model.in_channels) == (256, 3)
+    assert not run.data.use_stable_vae and (run.model.image_size, run.model.in_channels) == (256, 3)
 
 
 def test_flags_defaults_come_from_the_data_set():
     run = resolved()
-    assert run.dataset_name == "digits" and run.model.image_size == 8 and run.model.in_channels == 1
+    assert run.data.name == "digits" and run.model.image_size == 8 and run.model.in_channels == 1
     assert run.model.patch_size == 2 and run.model.num_classes == 10
-    assert run.flow.t_sampler == "uniform" and run.optim.lr == 1e-3 and run.optim.ema_warmup  # digits' own
+    assert run.flow.t_sampler == "uniform" and run.optimizer.lr == 1e-3 and run.optimizer.ema_warmup  # digits' own
     cifar = resolved("--dataset_name", "cifar10")
-    assert cifar.flow.t_sampler == "log-normal" and cifar.optim.lr == 1e-4  # the original's defaults
-    assert resolved("--model.lr", "3e-4").optim.lr == 3e-4
+    assert cifar.flow.t_sampler == "log-normal" and cifar.optimizer.lr == 1e-4  # the original's defaults
+    assert resolved("--model.lr", "3e-4").optimizer.lr == 3e-4
     assert resolved("--model.num_classes", "12").model.num_classes == 12
     assert resolved("--model.preset", "debug").model.patch_size == 8  # preset beats the data set's default
 
@@ -274,3 +274,26 @@ def test_extracted_latents_train_through_the_cli(tiny_vae_folder, tmp_path):
                  "5", "--log_interval", "5", "--num_samples", "20", "--save_dir", str(tmp_path / "run")])
     samples = np.load(tmp_path / "run" / "samples.npz")
     assert samples["images"].shape == (20, 8, 8, 1)  # decoded with the VAE named in meta.json
+
+
+def test_fid_at_eval_intervals_uses_the_run_sampler(tmp_path, monkeypatch):
+    import rfdit.run.evaluation
+    import rfdit.run.parts
+
+    calls = []
+
+    def fid(model, path, **kwargs):
+        calls.append((path, kwargs))
+        return {"fid": 1.0, "fid_num_samples": kwargs["num_samples"]}
+
+    monkeypatch.setattr(rfdit.run.parts, "inception_features", lambda: None)  # no Inception weights offline
+    monkeypatch.setattr(rfdit.run.evaluation, "fid_during_training", fid)
+    reference = tmp_path / "reference.npz"
+    np.savez(reference, mu=np.zeros(4), sigma=np.eye(4))
+    main(TINY + ["--max_steps", "10", "--steps_per_call", "5", "--eval_interval", "5", "--num_samples", "0",
+                 "--fid_stats", str(reference), "--save_dir", str(tmp_path / "run")])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["eval/fid"]) for r in rows if "eval/fid" in r] == [(5, 1.0)]  # not at the end: no samples
+    assert any("eval/class_acc" in r for r in rows)
+    (path, kwargs), = calls
+    assert path == str(reference) and kwargs["sampler"].num_steps == 4 and kwargs["batch_size"] == 32

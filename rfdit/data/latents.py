@@ -19,7 +19,10 @@ import pathlib
 from collections.abc import Iterator
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from ..nn.vae import StableVAE
+from . import load_dataset
 from .pipeline import ArrayBatches
 
 META = "meta.json"
@@ -74,8 +77,6 @@ def write_latents(
 
     `meta.json` is written last, so a folder with one is complete.
     """
-    from tqdm.auto import tqdm
-
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / META).unlink(missing_ok=True)
@@ -120,9 +121,6 @@ def extract_latents(
     **dataset_options,
 ) -> pathlib.Path:
     """Encode one epoch of a data set (unflipped, the order of seed 0) with the VAE into `out`."""
-    from ..nn.vae import StableVAE
-    from . import load_dataset
-
     vae = StableVAE.from_pretrained(vae_path, dtype=vae_dtype)
     options = dict(path=dataset_path, flip=False, **dataset_options)
     if image_size is not None:

@@ -25,6 +25,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import queue
 import threading
 from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -480,9 +481,6 @@ class Prefetcher:
     """Run an iterator in a background thread, `depth` items ahead of the consumer."""
 
     def __init__(self, iterator: Iterator, depth: int = 2):
-        import queue
-        import threading
-
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._done = object()
         self._stop = threading.Event()

@@ -1,0 +1,84 @@
+"""The run's parts on their own: hooks and their intervals, the run config's sections and layout, the keys."""
+
+import json
+import pathlib
+
+import equinox as eqx
+import jax.random as jr
+import optax
+import pytest
+
+from rfdit import DiTConfig, SamplerConfig, TrainState
+from rfdit.run.config import DATASETS, DatasetDefaults, RunConfig, parse_args, resolve
+from rfdit.run.hooks import Hooks, StepInfo
+from rfdit.run.parts import MODEL_SPACE_STREAM, RunKeys
+
+FIXTURE_CONFIG = pathlib.Path(__file__).resolve().parent / "fixtures" / "run_v1" / "config.json"
+
+
+def run_hooks(hooks: Hooks, steps: list[int], last: int) -> None:
+    state = TrainState.create(eqx.nn.Linear(1, 1, key=jr.key(0)), optax.sgd(0.1), key=jr.key(1))
+    for step in steps:
+        if hooks.run(StepInfo(step, state, {}, last=step == last)):
+            break
+
+
+def test_hooks_run_every_n_steps_and_at_the_end_in_order():
+    calls = []
+    hooks = Hooks()
+    hooks.add(lambda info: calls.append(("log", info.step)), every=10, at_end=True)
+    hooks.add(lambda info: calls.append(("eval", info.step)), every=20)
+    hooks.add(lambda info: calls.append(("export", info.step)), at_end=True)
+    run_hooks(hooks, [5, 10, 15, 20, 25, 30, 35, 40], last=40)
+    assert calls == [("log", 10), ("log", 20), ("eval", 20), ("log", 30), ("log", 40), ("export", 40)]
+
+
+def test_hooks_a_hook_returning_true_stops_the_run():
+    calls = []
+    hooks = Hooks()
+    hooks.add(lambda info: calls.append(("save", info.step)), every=5, at_end=True)
+    hooks.add(lambda info: info.step == 10, every=5, at_end=True)
+    hooks.add(lambda info: calls.append(("export", info.step)), at_end=True)
+    run_hooks(hooks, [5, 10, 15, 20], last=20)
+    assert calls == [("save", 5), ("save", 10)]
+    with pytest.raises(ValueError, match="never run"):
+        hooks.add(print)
+    with pytest.raises(ValueError, match="every \\(=0\\)"):
+        hooks.add(print, every=0)
+
+
+def test_run_config_has_sections_and_keeps_the_flat_layout():
+    run = resolve(parse_args(["--model.cfg_scale", "1.5", "--precision", "bf16", "--max_steps", "50"]))
+    assert isinstance(run.model, DiTConfig) and isinstance(run.sampler, SamplerConfig)
+    assert run.sampler.cfg_scale == 1.5 and run.execution.precision == "bf16" and run.schedule.max_steps == 50
+    assert run.data.name == "digits" and run.data.batch_size == 128 and run.execution.steps_per_call == 10
+    flat = run.to_dict()
+    assert flat["sampler"]["cfg_scale"] == 1.5 and flat["precision"] == "bf16"
+    assert flat["optim"] == run.optimizer.to_dict()
+    assert RunConfig.from_dict(json.loads(json.dumps(flat))) == run
+    saved = json.loads(FIXTURE_CONFIG.read_text())  # written by rfdit 0.1.0
+    again = RunConfig.from_dict(saved).to_dict()
+    # settings that 0.1.0 did not have come back with their defaults; the rest as saved
+    new_sampler_fields = set(again["sampler"]) - set(saved["sampler"])
+    assert {name: again["sampler"][name] for name in new_sampler_fields} == \
+        {name: getattr(SamplerConfig(), name) for name in new_sampler_fields}
+    assert {**again, "sampler": {k: again["sampler"][k] for k in saved["sampler"]}} == saved
+    with pytest.raises(ValueError, match="a run config needs"):
+        RunConfig.from_dict({"model": flat["model"]})
+
+
+def test_dataset_defaults_are_keywords_with_the_large_data_sets_defaults():
+    with pytest.raises(TypeError):
+        DatasetDefaults(32, 3, 10, 128)
+    cifar = DATASETS["cifar10"]
+    assert (cifar.image_size, cifar.num_classes, cifar.preset, cifar.max_steps, cifar.cfg_scale) == (
+        32, 10, "big", 1_000_000, 4.0)
+    assert DATASETS["imagenet256"].use_stable_vae and not DATASETS["digits"].use_stable_vae
+
+
+def test_run_keys_are_derived_from_the_seed_alone():
+    keys = RunKeys.from_seed(3)
+    model, state, sample = jr.split(jr.key(3), 3)
+    for got, want in [(keys.model, model), (keys.state, state), (keys.sample, sample),
+                      (keys.model_space, jr.fold_in(jr.key(3), MODEL_SPACE_STREAM))]:
+        assert (jr.key_data(got) == jr.key_data(want)).all()

@@ -30,6 +30,7 @@ import jax.random as jr
 
 from rfdit.cli import run_cli
 from rfdit.generation import (
+    ControllerFlags,
     RANDOM_INCEPTION_WARNING,
     dataset_statistics,
     inception_features,
@@ -46,7 +47,7 @@ from rfdit.sampling import SolverName as Solver
 
 
 @dataclasses.dataclass
-class EvalFidArgs:
+class EvalFidArgs(ControllerFlags):
     """Compute the FID of a trained rfdit model."""
 
     load_dir: str
@@ -116,7 +117,8 @@ def run(args: EvalFidArgs) -> dict[str, Any]:
     num_steps = args.denoise_timesteps if args.denoise_timesteps is not None else args.num_steps
     cfg_scale = args.cfg_scale if args.use_cfg else 1.0
     settings = resolve_sampler(config, solver=args.solver, num_steps=num_steps, rtol=args.rtol,
-                               atol=args.atol, cfg_scale=cfg_scale, time_shift=args.time_shift)
+                               atol=args.atol, cfg_scale=cfg_scale, time_shift=args.time_shift,
+                               **args.controller())
     feature_fn, extractor = inception_features(args.inception_weights,
                                                random_seed=0 if args.random_inception else None)
     if args.random_inception:

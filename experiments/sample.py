@@ -25,13 +25,15 @@ import numpy as np
 
 from rfdit import plots
 from rfdit.cli import run_cli
-from rfdit.generation import generate, grid_shape, load_for_sampling, resolve_sampler, uniform_labels
+from rfdit.generation import (
+    ControllerFlags, generate, generate_kwargs, grid_shape, load_for_sampling, resolve_sampler, uniform_labels,
+)
 from rfdit.sampling import SolverName as Solver
 
 
 
 @dataclasses.dataclass
-class SampleArgs:
+class SampleArgs(ControllerFlags):
     """Sample a trained rfdit model into a PNG grid and an npz."""
 
     load_dir: str
@@ -83,17 +85,17 @@ def run(args: SampleArgs) -> dict[str, Any]:
     label_key, noise_key = jr.split(jr.key(args.seed))
     model, config, vae = load_for_sampling(args.load_dir, args.vae)
     settings = resolve_sampler(config, solver=args.solver, num_steps=args.num_steps, rtol=args.rtol,
-                               atol=args.atol, cfg_scale=args.cfg_scale, time_shift=args.time_shift)
+                               atol=args.atol, cfg_scale=args.cfg_scale, time_shift=args.time_shift,
+                               **args.controller())
+    settings = settings.replace(guidance_interval=args.guidance_interval, cfg_channels=args.cfg_channels)
     num_classes = model.config.num_classes
     if args.labels is not None:
         labels = np.asarray(args.labels, np.int32)
     else:
         labels = uniform_labels(args.num_samples or 16, num_classes, key=label_key)
     images, stats = generate(
-        model, labels=labels, key=noise_key, solver=settings.solver, num_steps=settings.num_steps,
-        rtol=settings.rtol, atol=settings.atol, cfg_scale=settings.cfg_scale, time_shift=settings.time_shift,
-        guidance_interval=args.guidance_interval,
-        cfg_channels=args.cfg_channels, batch_size=min(args.batch_size, len(labels)), vae=vae,
+        model, labels=labels, key=noise_key, **generate_kwargs(settings), batch_size=min(args.batch_size, len(labels)),
+        vae=vae,
     )
 
     out = pathlib.Path(args.out) if args.out else _default_out(args.load_dir)

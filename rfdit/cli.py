@@ -7,9 +7,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .checkpoint import CheckpointError
+from .sampling import SolveFailed
 
 Args = TypeVar("Args")
-USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError)
+USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, SolveFailed)
 
 
 def run_cli(parse: Callable[[list[str]], Args], run: Callable[[Args], Any], argv: list[str] | None) -> Any:

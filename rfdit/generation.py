@@ -18,6 +18,7 @@ name their feature extractor, so random-Inception smoke statistics are never com
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import pathlib
@@ -25,6 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
+import diffrax as dfx
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -137,6 +139,33 @@ def run_setting(config: dict[str, Any], name: str) -> Any:
     return (config.get("run") or {}).get(name)
 
 
+@dataclasses.dataclass(kw_only=True)
+class ControllerFlags:
+    """The adaptive step-size controller's command-line settings (`sample.py`, `eval_fid.py`); None keeps
+    the run's saved value, else Diffrax's PIDController default."""
+
+    pcoeff: float | None = None
+    """PID controller's proportional coefficient (adaptive steps)"""
+    icoeff: float | None = None
+    """PID controller's integral coefficient (adaptive steps)"""
+    dtmin: float | None = None
+    """smallest step an adaptive solve may take"""
+    dtmax: float | None = None
+    """largest step an adaptive solve may take"""
+    max_steps: int | None = None
+    """most steps an adaptive solve attempts before it stops with an error (default 4096)"""
+
+    def controller(self) -> dict[str, Any]:
+        return dict(pcoeff=self.pcoeff, icoeff=self.icoeff, dtmin=self.dtmin, dtmax=self.dtmax, max_steps=self.max_steps)
+
+
+def generate_kwargs(settings: SamplerConfig) -> dict[str, Any]:
+    """`generate`'s solve arguments from sampler settings: steps or a controller, max_steps and guidance."""
+    kwargs = settings.sample_kwargs()
+    kwargs.pop("per_sample")
+    return kwargs
+
+
 def resolve_sampler(
     config: dict[str, Any] | None = None,
     *,
@@ -146,6 +175,11 @@ def resolve_sampler(
     atol: float | int | None = None,
     cfg_scale: float | int | None = None,
     time_shift: float | int | None = None,
+    pcoeff: float | None = None,
+    icoeff: float | None = None,
+    dtmin: float | None = None,
+    dtmax: float | None = None,
+    max_steps: int | None = None,
 ) -> SamplerConfig:
     """Sampler settings from explicit values and the config's saved `sampler` (a training run's defaults).
 
@@ -184,9 +218,13 @@ def resolve_sampler(
     if time_shift is None:
         time_shift = saved.get("time_shift", 1.0)
     cfg_scale = saved.get("cfg_scale", 1.0) if cfg_scale is None else cfg_scale
+    controller = {name: saved.get(name, getattr(SamplerConfig, name)) if value is None else value
+                  for name, value in dict(pcoeff=pcoeff, icoeff=icoeff, dtmin=dtmin, dtmax=dtmax,
+                                          max_steps=max_steps).items()}
     return SamplerConfig(
         solver=solver, num_steps=num_steps, rtol=None if rtol is None else float(rtol),
         atol=None if atol is None else float(atol), cfg_scale=float(cfg_scale), time_shift=float(time_shift),
+        **controller,
     )
 
 
@@ -258,6 +296,9 @@ def generate_batches(
     guidance_interval: tuple[float, float] | None = None,
     cfg_channels: int | None = None,
     time_shift: float | int = 1.0,
+    ts: tuple[float, ...] | None = None,
+    stepsize_controller: dfx.AbstractStepSizeController | None = None,
+    max_steps: int = 4096,
     batch_size: int,
     vae: StableVAE | None = None,
     progress: bool = True,
@@ -288,8 +329,8 @@ def generate_batches(
         if sharded:
             noise, y = _shard_batch(noise), _shard_batch(y)
         x, stats = sample(model, noise, y, cfg_scale=scale, solver=solver, num_steps=num_steps, rtol=rtol,
-                          atol=atol, time_shift=time_shift, guidance_interval=guidance_interval,
-                          cfg_channels=cfg_channels)
+                          atol=atol, time_shift=time_shift, ts=ts, stepsize_controller=stepsize_controller,
+                          max_steps=max_steps, guidance_interval=guidance_interval, cfg_channels=cfg_channels)
         if vae is not None:
             x = vae.decode(x)
         return start, _to_images(x), stats["nfe"]
@@ -326,6 +367,9 @@ def generate(
     guidance_interval: tuple[float, float] | None = None,
     cfg_channels: int | None = None,
     time_shift: float | int = 1.0,
+    ts: tuple[float, ...] | None = None,
+    stepsize_controller: dfx.AbstractStepSizeController | None = None,
+    max_steps: int = 4096,
     batch_size: int,
     vae: StableVAE | None = None,
     progress: bool = True,
@@ -336,7 +380,8 @@ def generate(
         model: a DiT (e.g. from `load_for_sampling`).
         labels: (N,) class indices in [0, num_classes).
         key: sample i starts from `normal(fold_in(key, i))`.
-        solver, num_steps, rtol, atol, time_shift: as `rfdit.sample` (fixed steps or adaptive tolerances).
+        solver, num_steps, rtol, atol, time_shift, ts, stepsize_controller, max_steps: as `rfdit.sample`
+            (fixed steps or adaptive ones); a solve that does not reach t = 1 raises `SolveFailed`.
         cfg_scale: guidance scale; 1 is plain conditional sampling, 0 unconditional.
         guidance_interval: guide only for t in [lo, hi] (t=0 noise, t=1 data).
         cfg_channels: guide only the first channels (DiT/SiT's 3 of 4; for reproducing their numbers).
@@ -354,7 +399,8 @@ def generate(
     for batch in generate_batches(
         model, labels=labels, key=key, solver=solver, num_steps=num_steps, rtol=rtol, atol=atol,
         cfg_scale=cfg_scale, guidance_interval=guidance_interval, cfg_channels=cfg_channels, time_shift=time_shift,
-        batch_size=batch_size, vae=vae, progress=progress,
+        ts=ts, stepsize_controller=stepsize_controller, max_steps=max_steps, batch_size=batch_size, vae=vae,
+        progress=progress,
     ):
         images.append(np.asarray(batch.images, dtype=np.float32))
         nfes.append(batch.nfe)
@@ -471,12 +517,9 @@ def sample_statistics(
     nfes: list[int] = []
 
     def images() -> Iterator[Array]:
-        for batch in generate_batches(
-            model, labels=labels, key=key, solver=sampler.solver, num_steps=sampler.num_steps, rtol=sampler.rtol,
-            atol=sampler.atol, cfg_scale=sampler.cfg_scale, guidance_interval=guidance_interval,
-            cfg_channels=cfg_channels, time_shift=sampler.time_shift, batch_size=batch_size, vae=vae,
-            progress=progress,
-        ):
+        solve = generate_kwargs(sampler.replace(guidance_interval=guidance_interval, cfg_channels=cfg_channels))
+        for batch in generate_batches(model, labels=labels, key=key, **solve, batch_size=batch_size, vae=vae,
+                                      progress=progress):
             nfes.append(batch.nfe)
             yield batch.images
 

@@ -42,7 +42,7 @@ import jax.random as jr
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from .nn.dit import DiT
-from .sampling import model_velocity, solve
+from .sampling import ON_FAILURE, SolveFailed, failure_message, model_velocity, solve
 
 Divergence = Literal["exact", "hutchinson"]
 Probe = Literal["rademacher", "gaussian"]
@@ -126,6 +126,7 @@ def log_likelihood(
     rtol: float | None = 1e-5,
     atol: float | None = None,
     max_steps: int = 4096,
+    on_failure: str = "raise",
     key: PRNGKeyArray | None = None,
 ) -> tuple[Float[Array, " b"], dict[str, PyTree]]:
     """log p_1(x) in nats for each example of a batch, by the instantaneous change of variables.
@@ -143,6 +144,8 @@ def log_likelihood(
         probe: Hutchinson's probe distribution, "rademacher" (lower variance) or "gaussian".
         solver, num_steps, rtol, atol, max_steps: as in `rfdit.solve`; `num_steps` selects
             fixed steps (and overrides the default tolerance).
+        on_failure: "raise" (`SolveFailed`, checked on the host, naming the solver, its tolerances,
+            max_steps and the time reached) or "return" (the partial solves, `stats["result"]` nonzero).
         key: for Hutchinson's probes (one set per example); keyword-only, last.
 
     Returns:
@@ -156,6 +159,8 @@ def log_likelihood(
         raise ValueError(f"probe (={probe!r}) must be 'rademacher' or 'gaussian'.")
     if num_probes < 1:
         raise ValueError(f"num_probes (={num_probes}) must be >= 1.")
+    if on_failure not in ON_FAILURE:
+        raise ValueError(f"on_failure (={on_failure!r}) must be one of {ON_FAILURE}.")
     if divergence == "hutchinson" and key is None:
         raise ValueError("divergence='hutchinson' draws random probes: pass key=jax.random.key(...).")
     if x.ndim < 2:
@@ -171,11 +176,17 @@ def log_likelihood(
     if num_steps is not None:
         rtol = atol = None
     keys = jr.split(jr.key(0) if key is None else key, batch)
-    solver_kwargs = dict(solver=solver, num_steps=num_steps, rtol=rtol, atol=atol, max_steps=max_steps)
+    solver_kwargs = dict(solver=solver, num_steps=num_steps, rtol=rtol, atol=atol, max_steps=max_steps,
+                         on_failure="return")  # checked below, on the host
     logp, noise, stats = _log_likelihood(
         field_or_model, x, labels, cfg_scale, keys, (divergence, probe, num_probes), solver_kwargs
     )
-    return logp, {"noise": noise, **stats}
+    stats = {"noise": noise, **stats}
+    if on_failure == "raise":
+        message = failure_message(stats, solver=solver, rtol=rtol, atol=atol, max_steps=max_steps, t1=0.0)
+        if message is not None:
+            raise SolveFailed(message, stats)
+    return logp, stats
 
 
 def quantisation_step(levels: int, data_range: tuple[float, float] = (-1.0, 1.0)) -> float:

@@ -267,7 +267,9 @@ def solve(
     return x1, stats
 
 
-def failure_message(stats: dict, *, solver, rtol=None, atol=None, max_steps=None, stepsize_controller=None) -> str | None:
+def failure_message(
+    stats: dict, *, solver, rtol=None, atol=None, max_steps=None, stepsize_controller=None, t1: float = 1.0
+) -> str | None:
     """None if every solve in `stats` reached its end, else one line that names the solver, its
     tolerances and max_steps, how many solves failed, the earliest time reached and Diffrax's reason."""
     result = np.asarray(stats["result"])
@@ -280,8 +282,9 @@ def failure_message(stats: dict, *, solver, rtol=None, atol=None, max_steps=None
     reason = dfx.RESULTS._index_to_message[code] if 0 <= code < len(dfx.RESULTS._index_to_message) else f"code {code}"
     how = f"rtol={rtol}, atol={atol}" if stepsize_controller is None else f"stepsize_controller={stepsize_controller}"
     count = f"{int(failed.sum())} of {failed.size} solves" if failed.size > 1 else "the solve"
-    return (f"The {solver_name(solver)} solve ({how}, max_steps={max_steps}) stopped before t=1: {count} reached "
-            f"only t={float(np.min(reached)):.4g}. Diffrax: {reason} Raise max_steps, loosen the tolerances or use "
+    furthest_behind = np.min(reached) if t1 >= 0.5 else np.max(reached)  # forwards to 1 or backwards to 0
+    return (f"The {solver_name(solver)} solve ({how}, max_steps={max_steps}) stopped before t={t1:g}: {count} reached "
+            f"only t={float(furthest_behind):.4g}. Diffrax: {reason} Raise max_steps, loosen the tolerances or use "
             "fixed steps (num_steps); on_failure='return' gives the partial result.")
 
 

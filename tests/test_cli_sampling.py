@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import rfdit
+from rfdit.sampling import SolveFailed
 from rfdit import generation
 from rfdit.checkpoint import export_model
 from rfdit.generation import INCEPTION_ID, resolve_sampler, vae_source
@@ -96,6 +97,19 @@ def test_sample_cli_run_folder_writes_grid_npz_and_nfe(digits_run, tmp_path, cap
     assert (out / "grid.png").is_file()
     saved = json.loads((out / "sample.json").read_text())
     assert saved["nfe_per_batch"] == [8] and report["nfe_total"] == 8
+
+
+def test_sample_cli_stops_a_solve_that_runs_out_of_steps_and_takes_controller_settings(digits_run, tmp_path):
+    sample = load_script("sample")
+    base = ["--load_dir", str(digits_run / "checkpoints"), "--num_samples", "4", "--solver", "dopri5",
+            "--batch_size", "4"]
+    with pytest.raises(SolveFailed, match=r"dopri5 solve \(rtol=1e-13, atol=1e-13, max_steps=3\) stopped before t=1"):
+        sample.main(base + ["--rtol", "1e-13", "--atol", "1e-13", "--max_steps", "3", "--out", str(tmp_path / "a")])
+    assert not (tmp_path / "a").exists()  # nothing written for a failed solve
+    report = sample.main(base + ["--rtol", "1e-2", "--pcoeff", "0.3", "--icoeff", "0.4", "--dtmax", "0.05",
+                                "--out", str(tmp_path / "b")])
+    assert report["sampler"]["pcoeff"] == 0.3 and report["sampler"]["dtmax"] == 0.05
+    assert report["nfe_total"] >= 6 * 20 + 1  # dtmax 0.05: at least 20 steps of Dopri5's 6 new stages
 
 
 def test_sample_cli_dopri5_adaptive_reports_nfe(digits_run, tmp_path, capsys):

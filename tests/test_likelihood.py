@@ -160,3 +160,14 @@ def test_log_likelihood_refuses_missing_key_and_bad_options():
         log_likelihood(field, x, divergence="trace")
     with pytest.raises(ValueError, match="key"):
         bits_per_dim(field, x, levels=256)
+
+
+def test_log_likelihood_that_runs_out_of_steps_raises_on_the_host():
+    from rfdit.sampling import SolveFailed
+
+    x = jnp.ones((2, 3))
+    field = lambda t, y: -30.0 * y * jnp.cos(20 * t)
+    with pytest.raises(SolveFailed, match=r"dopri5 solve \(rtol=1e-09.*max_steps=2\) stopped before t=0"):
+        log_likelihood(field, x, rtol=1e-9, atol=1e-9, max_steps=2)
+    logp, stats = log_likelihood(field, x, rtol=1e-9, atol=1e-9, max_steps=2, on_failure="return")
+    assert np.all(np.asarray(stats["result"]) != 0) and logp.shape == (2,)

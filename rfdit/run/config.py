@@ -163,6 +163,7 @@ class TrainArgs:
     steps_per_call: int | None = None
     """training steps scanned inside one compiled call (digits: 10; others: 1)"""
     keep_checkpoints: int = 3
+    """the newest checkpoints kept (at least 1)"""
     num_samples: int = 1000
     """EMA samples per evaluation set at the end, spread evenly over the classes (digits: three sets, all
     written to samples.npz, figures averaged); 0 skips the final grids, samples and evaluation"""
@@ -366,6 +367,9 @@ def resolve(args: TrainArgs) -> RunConfig:
     max_steps = args.max_steps if args.max_steps is not None else defaults.max_steps
     if max_steps % k:
         raise ValueError(f"max_steps (={max_steps}) must be a multiple of steps_per_call (={k}).")
+    if args.keep_checkpoints < 1:
+        raise ValueError(f"--keep_checkpoints (={args.keep_checkpoints}) must be at least 1: a run keeps its newest "
+                         "checkpoints to resume from.")
     batch_size = args.batch_size or defaults.batch_size
     dtype = compute_dtype(args.precision)
     data = DataConfig(

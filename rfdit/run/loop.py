@@ -12,12 +12,12 @@ import jax
 import numpy as np
 
 from ..checkpoint import Checkpointer
-from ..cli import run_cli
+from ..cli import RunStopped, run_cli
 from ..data import Prefetcher
 from ..distributed import global_batch, initialize
 from .config import RunConfig, TrainArgs, parse_args, resolve
 from .evaluation import Evaluation
-from .hooks import Checkpoints, Export, Hooks, Logger, StepInfo, StopOnSignal, TrainingLog
+from .hooks import Checkpoints, Export, Hooks, Logger, NonFiniteError, StepInfo, StopOnSignal, TrainingLog
 from .folder import RunFolder, agree_on_run_dir, choose_run_dir, new_run_dir
 from .parts import Parts, RunKeys, build
 
@@ -77,17 +77,27 @@ def train(run: RunConfig, run_dir: pathlib.Path, *, load_dir: str | None = None,
                 hooks.add(stop, every=k, at_end=True)
                 hooks.add(Export(run_dir / "export", run, enabled=is_main), at_end=True)
                 hooks.add(evaluation.at_end, at_end=True)
-                for info in steps:
-                    if hooks.run(info):
-                        break
+                try:
+                    for info in steps:
+                        if hooks.run(info):
+                            break
+                except NonFiniteError as error:
+                    last = checkpointer.latest_step()
+                    good = (f"The last good checkpoint is step {last} in {checkpointer.directory}; continue from it "
+                            "with a lower --model.lr or a longer --model.warmup_steps (--load_dir with "
+                            "--allow_change model.lr)." if last is not None else "No checkpoint was saved.")
+                    raise NonFiniteError(f"training diverged: {error} {good}") from None
     summary: dict[str, Any] = {"step": info.step, "run_dir": str(run_dir)}
     if stop.signal is not None:
-        return {**summary, "stopped": True}
+        return {**summary, "stopped": True, "signal": stop.signal}
     return summary if evaluation.report is None else {**summary, "eval": evaluation.report}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """experiments/train_flow.py: parse the flags, print the resolved config (--dry_run) or train."""
+    """experiments/train_flow.py: parse the flags, print the resolved config (--dry_run) or train.
+
+    A run stopped by SIGINT or SIGTERM raises `rfdit.cli.RunStopped` (from a terminal: exit status 130 or 143).
+    """
 
     def run(args: TrainArgs) -> dict[str, Any]:
         if not args.dry_run:
@@ -108,6 +118,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run_dir = agree_on_run_dir(choose)  # process 0 chooses; the others follow
         with RunFolder(run_dir, lock=is_main, overwrite=bool(args.overwrite) and is_main,
                        created=bool(fresh)) as folder:
-            return train(config, run_dir, load_dir=args.load_dir, started=folder.started)
+            summary = train(config, run_dir, load_dir=args.load_dir, started=folder.started)
+        if summary.get("stopped"):
+            raise RunStopped(summary["signal"], summary["step"], summary["run_dir"])
+        return summary
 
     return run_cli(parse_args, run, argv)

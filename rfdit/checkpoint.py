@@ -4,7 +4,8 @@ and loading what a run left behind (`load_model`, `restore_run`).
 A checkpoint holds everything needed to continue: model, EMA, optimizer state, step,
 key (as raw key data), the data position and the resolved config. Orbax writes each
 step into a temporary folder and renames it when complete, so a save killed midway
-never replaces the last good checkpoint.
+never replaces the last good checkpoint. Its metadata holds two checksums per array (`leaf_checksums`,
+the same however the array is sharded), checked on every restore: flipped bytes are found, not trained on.
 
 An export is the EMA model alone: `export/model.safetensors` (tensor names are the
 pytree paths joined by ".") and `export/config.json` ("format": "rfdit-export", a
@@ -20,6 +21,7 @@ import os
 import pathlib
 import sys
 import typing
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -63,11 +65,56 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or made for another configuration."""
 
 
+class UnreadableCheckpoint(CheckpointError):
+    """A checkpoint whose files are damaged: truncated, garbled, or not what their checksums say."""
+
+
+def _as_uint32(x: jax.Array) -> jax.Array:
+    """The bits of `x` as uint32 words (one per element, two for 8-byte types)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, width) if x.dtype != width else x
+    return bits.astype(jnp.uint32)
+
+
+@jax.jit
+def _checksums(leaves: list[jax.Array]) -> jax.Array:
+    """(len(leaves), 2) uint32: two position-weighted sums of each leaf's bits, modulo 2**32.
+
+    Every weight is odd, so any one flipped bit changes the sums. They are reductions over the global array, so
+    they come out the same however the array is sharded (FSDP, many processes): every process joins, and
+    process 0 writes them with the metadata.
+    """
+    out = []
+    for x in leaves:
+        bits = _as_uint32(x).ravel()
+        i = jnp.arange(bits.shape[0], dtype=jnp.uint32)
+        first = jnp.sum(bits * (jnp.uint32(2) * i + jnp.uint32(1)), dtype=jnp.uint32)
+        second = jnp.sum(bits * ((i * jnp.uint32(0x9E3779B1)) | jnp.uint32(1)), dtype=jnp.uint32)
+        out.append(jnp.stack([first, second]))
+    return jnp.stack(out) if out else jnp.zeros((0, 2), jnp.uint32)
+
+
+def checksums(leaves: list[Any]) -> list[list[int]]:
+    return np.asarray(_checksums(list(leaves))).tolist()
+
+
+def _verify(step: int, directory: pathlib.Path, meta: dict[str, Any], names: list[str], leaves: list[Any]) -> None:
+    saved = meta.get("leaf_checksums")
+    if saved is None:  # written before checksums (rfdit 0.1.0)
+        return
+    bad = [name for name, got, want in zip(names, checksums(leaves), saved) if got != want]
+    if bad:
+        raise _unreadable(step, directory, ValueError(f"checksum mismatch in {len(bad)} arrays, e.g. {bad[:3]}"))
+
+
 def _unreadable(step: int, directory: pathlib.Path, error: Exception) -> CheckpointError:
     detail = str(error).split("[tensorstore_spec")[0][:400]
-    return CheckpointError(
+    return UnreadableCheckpoint(
         f"checkpoint {step} in {directory} is unreadable ({type(error).__name__}: {detail}); it may be corrupt or "
-        "incomplete. Delete it to fall back to an earlier one, or pass another --load_dir."
+        "incomplete. Delete it to fall back to an earlier one (or pass --load_fallback 1 to do that), or pass "
+        "another --load_dir."
     )
 
 
@@ -94,7 +141,7 @@ class Checkpointer:
         ocp = self._ocp
         names, leaves = _flatten(state)
         meta = {**meta, "leaf_names": names, "leaf_shapes": [list(x.shape) for x in leaves],
-                "leaf_dtypes": [str(x.dtype) for x in leaves]}
+                "leaf_dtypes": [str(x.dtype) for x in leaves], "leaf_checksums": checksums(leaves)}
         arrays = {f"leaf_{i:05d}": x for i, x in enumerate(leaves)}
         absl_logger = logging.getLogger("absl")
         level = absl_logger.level
@@ -131,7 +178,9 @@ class Checkpointer:
             arrays = self.manager.restore(step, args=self._ocp.args.Composite(arrays=self._ocp.args.StandardRestore()))
         except Exception as error:
             raise _unreadable(step, self.directory, error) from None
-        return {name: np.asarray(arrays["arrays"][f"leaf_{i:05d}"]) for i, name in enumerate(meta["leaf_names"])}
+        named = {name: np.asarray(arrays["arrays"][f"leaf_{i:05d}"]) for i, name in enumerate(meta["leaf_names"])}
+        _verify(step, self.directory, meta, list(named), list(named.values()))
+        return named
 
     def restore(self, template: PyTree, step: int | None = None) -> tuple[PyTree, dict[str, Any]]:
         """Restore into the structure of `template` (its shapes, dtypes and shardings)."""
@@ -158,7 +207,9 @@ class Checkpointer:
             )["arrays"]
         except Exception as error:
             raise _unreadable(step, self.directory, error) from None
-        new_leaves = iter([restored[f"leaf_{i:05d}"] for i in range(len(leaves))])
+        restored_leaves = [restored[f"leaf_{i:05d}"] for i in range(len(leaves))]
+        _verify(step, self.directory, meta, names, restored_leaves)
+        new_leaves = iter(restored_leaves)
         template_leaves, treedef = jax.tree_util.tree_flatten(template)
         out = []
         for leaf in template_leaves:
@@ -281,19 +332,33 @@ def load_model(path: str | os.PathLike) -> tuple[DiT, dict[str, Any]]:
     return state.ema, {"model": meta["run"]["model"], **meta["run"]}
 
 
-def restore_run(load_dir: str | os.PathLike, template: PyTree, model: DiTConfig) -> tuple[PyTree, int]:
+def restore_run(load_dir: str | os.PathLike, template: PyTree, model: DiTConfig, *,
+                check: Callable[[dict[str, Any]], None] | None = None, fallback: bool = False) -> tuple[PyTree, int]:
     """The training state saved in a run folder (or its checkpoints/), to resume from, and its data step.
 
     `template` gives the state's structure, shapes and shardings; a checkpoint made for another model
-    than `model` is refused with a `CheckpointError` that says what to pass.
+    than `model` is refused with a `CheckpointError` that says what to pass, and `check` (given the saved run
+    config) refuses other differences. With `fallback`, damaged checkpoints are renamed `unreadable-<step>` and
+    the newest good one is restored.
     """
     with Checkpointer(checkpoint_dir(load_dir), read_only=True) as source:
-        _, meta = source.read_meta()
-        saved_model = meta.get("run", {}).get("model")
-        if saved_model != model.to_dict():
-            raise CheckpointError(
-                f"the checkpoint in {load_dir} was made for model {saved_model}; this run resolves to "
-                f"{model.to_dict()}. Pass the same flags as the saved run (see its config.json)."
-            )
-        state, meta = source.restore(template)
+        steps = sorted(source.manager.all_steps(), reverse=True) if fallback else [None]
+        for i, step in enumerate(steps):
+            try:
+                step, meta = source.read_meta(step)
+                saved_model = meta.get("run", {}).get("model")
+                if saved_model != model.to_dict():
+                    raise CheckpointError(
+                        f"the checkpoint in {load_dir} was made for model {saved_model}; this run resolves to "
+                        f"{model.to_dict()}. Pass the same flags as the saved run (see its config.json)."
+                    )
+                if check is not None:
+                    check(meta.get("run", {}))
+                state, meta = source.restore(template, step)
+                break
+            except UnreadableCheckpoint as error:
+                if i == len(steps) - 1:
+                    raise
+                (source.directory / str(step)).rename(source.directory / f"unreadable-{step}")
+                print(f"{error}".split(" Delete it")[0] + f" Renamed it unreadable-{step}; trying the one before.")
     return state, int(meta["data_step"])

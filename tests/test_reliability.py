@@ -128,7 +128,8 @@ def test_a_diverging_run_stops_and_keeps_its_good_checkpoints(tiny_digits_run, t
     shutil.copytree(tiny_digits_run[0], copy)
     export = snapshot(copy / "export")
     with pytest.raises(ValueError, match="training diverged: .* at step 25.* last good checkpoint is step 20"):
-        main(SHORT + ["--model.lr", "1e6", "--max_steps", "40", "--save_interval", "5", "--load_dir", str(copy)])
+        main(SHORT + ["--model.lr", "1e6", "--max_steps", "40", "--save_interval", "5", "--load_dir", str(copy),
+                      "--allow_change", "model.lr"])
     with Checkpointer(copy / "checkpoints", read_only=True) as checkpointer:
         assert checkpointer.manager.all_steps() == [20]
         assert all(np.isfinite(x).all() for x in checkpointer.restore_named().values())
@@ -191,3 +192,56 @@ def test_a_broken_export_config_is_one_clear_error(tiny_digits_run, tmp_path, te
     with pytest.raises(CheckpointError, match=message) as error:
         load_export(export)
     assert str(export / "config.json") in str(error.value) and "\n" not in str(error.value)
+
+
+def test_resume_refuses_changed_settings_unless_named(tiny_digits_run, tmp_path):
+    run_dir, _ = tiny_digits_run
+    changed = SHORT + ["--batch_size", "16", "--model.lr", "3e-4", "--seed", "1", "--max_steps", "25",
+                       "--save_dir", str(tmp_path / "new"), "--load_dir", str(run_dir)]
+    with pytest.raises(CheckpointError) as error:
+        main(changed)
+    message = str(error.value)
+    for listed in ("batch_size: 32 -> 16", "seed: 0 -> 1", "model.lr: 0.001 -> 0.0003",
+                   "--allow_change batch_size,seed,model.lr"):
+        assert listed in message, message
+    with pytest.raises(CheckpointError, match="other settings \\(seed: 0 -> 1\\)"):
+        main(changed + ["--allow_change", "batch_size,model.lr"])
+    with pytest.raises(ValueError, match="not settings a resumed run compares"):
+        main(changed + ["--allow_change", "model.lrr"])
+    assert not (tmp_path / "new").exists()
+    # a longer run and the data elsewhere are the same run; named changes are accepted
+    summary = main(changed + ["--allow_change", "batch_size,seed,model.lr", "--dataset_path", str(tmp_path)])
+    assert summary["step"] == 25
+
+
+def test_resume_compares_the_settings_of_old_checkpoints():
+    from rfdit.run.config import changed_settings
+
+    fixture = json.loads((ROOT / "tests" / "fixtures" / "run_v1" / "config.json").read_text())  # rfdit 0.1.0's
+    now = {**fixture, "max_steps": 1000, "optim": {**fixture["optim"], "lr": 0.5}, "precision": "bf16"}
+    assert changed_settings(fixture, now) == [("precision", "float32", "bf16"), ("model.lr", 0.001, 0.5)]
+
+
+def flip_bytes(step_dir: pathlib.Path) -> None:
+    """Flip bytes in the middle of the step's largest array file, keeping its length."""
+    data = max((f for f in (step_dir / "arrays").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    middle = len(raw) // 2
+    raw[middle:middle + 16] = bytes(b ^ 0xFF for b in raw[middle:middle + 16])
+    data.write_bytes(bytes(raw))
+
+
+def test_a_flipped_checkpoint_is_unreadable_and_fallback_finds_the_good_one(tiny_digits_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_digits_run[0], copy)
+    main(SHORT + ["--max_steps", "25", "--load_dir", str(copy)])
+    flip_bytes(copy / "checkpoints" / "25")
+    with pytest.raises(CheckpointError, match="checkpoint 25 .* unreadable .*Delete it to fall back") as error:
+        main(SHORT + ["--max_steps", "30", "--load_dir", str(copy)])
+    print(error.value)
+    summary = main(SHORT + ["--max_steps", "30", "--load_dir", str(copy), "--load_fallback", "1"])
+    assert summary["step"] == 30 and (copy / "checkpoints" / "unreadable-25").is_dir()
+    rows = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "loss" in row][-2:] == [25, 30]  # from 20 again
+    with Checkpointer(copy / "checkpoints", read_only=True) as checkpointer:
+        assert checkpointer.manager.all_steps() == [20, 30]

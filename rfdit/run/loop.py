@@ -49,16 +49,17 @@ def train_steps(parts: Parts, *, max_steps: int) -> Iterator[StepInfo]:
         batches.close()
 
 
-def train(run: RunConfig, run_dir: pathlib.Path, *, load_dir: str | None = None,
-          started: Callable[[], None] | None = None) -> dict[str, Any]:
+def train(run: RunConfig, run_dir: pathlib.Path, *, load_dir: str | None = None, allow_change: str | None = None,
+          load_fallback: bool = False, started: Callable[[], None] | None = None) -> dict[str, Any]:
     """Train as `run` says into the run folder `run_dir`; resume from the run folder `load_dir` when given.
 
-    `started` is called once the run is built (the state restored, config.json written) and before anything else
+    `allow_change` and `load_fallback` are as in `build`. `started` is called once the run is built (the state restored, config.json written) and before anything else
     is written. Returns a summary: the last step, the run folder, and the final evaluation's report (or `stopped`).
     """
     is_main, keys = jax.process_index() == 0, RunKeys.from_seed(run.seed)
     schedule, k = run.schedule, run.execution.steps_per_call
-    parts = build(run, run_dir, keys, load_dir=load_dir, is_main=is_main)
+    parts = build(run, run_dir, keys, load_dir=load_dir, is_main=is_main, allow_change=allow_change,
+                  load_fallback=load_fallback)
     if started is not None:
         started()
     with Checkpointer(run_dir / "checkpoints", max_to_keep=schedule.keep_checkpoints) as checkpointer:
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run_dir = agree_on_run_dir(choose)  # process 0 chooses; the others follow
         with RunFolder(run_dir, lock=is_main, overwrite=bool(args.overwrite) and is_main,
                        created=bool(fresh)) as folder:
-            summary = train(config, run_dir, load_dir=args.load_dir, started=folder.started)
+            summary = train(config, run_dir, load_dir=args.load_dir, allow_change=args.allow_change,
+                            load_fallback=bool(args.load_fallback), started=folder.started)
         if summary.get("stopped"):
             raise RunStopped(summary["signal"], summary["step"], summary["run_dir"])
         return summary

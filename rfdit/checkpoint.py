@@ -56,9 +56,24 @@ def _flatten(tree) -> tuple[list[str], list[Any]]:
     return names, leaves
 
 
-def _quiet_closed_loops(unraisable) -> None:
-    if not (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)):
-        sys.__unraisablehook__(unraisable)
+def _closed_loop(error: BaseException | None) -> bool:
+    return isinstance(error, RuntimeError) and "Event loop is closed" in str(error)
+
+
+def _quiet_orbax_leftovers() -> None:
+    """When a write fails (a full disk), orbax's pending tensorstore callbacks reach its closed event loop from
+    other threads and report "Event loop is closed" as unraisable errors, then or at any later moment. The
+    write's own error is what the user needs: keep those quiet (only those) for the rest of the process."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_rfdit_quiet", False):
+        return
+
+    def hook(unraisable):
+        if not _closed_loop(unraisable.exc_value):
+            previous(unraisable)
+
+    hook._rfdit_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 class CheckpointError(ValueError):
@@ -125,6 +140,7 @@ class Checkpointer:
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
+        _quiet_orbax_leftovers()
         self.directory = pathlib.Path(directory).absolute()
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoint folder at {self.directory}; pass a run folder or its checkpoints/.")
@@ -153,6 +169,7 @@ class Checkpointer:
             )
             self.manager.wait_until_finished()
         except Exception as error:  # a full disk, a file-size limit, a lost mount: orbax raises many kinds
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # orbax's unretrieved futures of the same error
             detail = str(error).split("[tensorstore_spec")[0][:300]
             raise CheckpointError(
                 f"could not save checkpoint {step} in {self.directory} ({type(error).__name__}: {detail}); is the "
@@ -226,13 +243,7 @@ class Checkpointer:
         self.manager.close()
         # Collect orbax's leftover asyncio objects now: their finalisers can raise "Event loop is closed", and
         # CPython 3.11 fails with a SystemError if that happens during a later compile() (e.g. in tyro's parsing).
-        # What they raise is orbax's clean-up after a failed write (reported already), not news: keep it quiet.
-        hook = sys.unraisablehook
-        sys.unraisablehook = _quiet_closed_loops
-        try:
-            gc.collect()
-        finally:
-            sys.unraisablehook = hook
+        gc.collect()
 
     def __enter__(self) -> "Checkpointer":
         return self

@@ -6,7 +6,9 @@
         --model.patch_size 8 --model.use_stable_vae 0
 
 Output (config.json, metrics.jsonl, grids/, checkpoints/, export/, samples.npz, eval.json)
-goes to --save_dir, by default runs/<timestamp>. `--help` lists every flag.
+goes to --save_dir, by default a new runs/<timestamp>; a folder that holds a run is refused (--load_dir DIR
+continues it, --overwrite 1 starts over). Ctrl-C or SIGTERM saves and exits 130 or 143. `--help` lists every flag;
+docs/reliability.md says what a run guarantees.
 """
 
 from rfdit.experiment import main

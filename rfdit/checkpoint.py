@@ -4,7 +4,8 @@ and loading what a run left behind (`load_model`, `restore_run`).
 A checkpoint holds everything needed to continue: model, EMA, optimizer state, step,
 key (as raw key data), the data position and the resolved config. Orbax writes each
 step into a temporary folder and renames it when complete, so a save killed midway
-never replaces the last good checkpoint.
+never replaces the last good checkpoint. Its metadata holds two checksums per array (`leaf_checksums`,
+the same however the array is sharded), checked on every restore: flipped bytes are found, not trained on.
 
 An export is the EMA model alone: `export/model.safetensors` (tensor names are the
 pytree paths joined by ".") and `export/config.json` ("format": "rfdit-export", a
@@ -18,6 +19,9 @@ import json
 import logging
 import os
 import pathlib
+import sys
+import typing
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -52,15 +56,80 @@ def _flatten(tree) -> tuple[list[str], list[Any]]:
     return names, leaves
 
 
+def _closed_loop(error: BaseException | None) -> bool:
+    return isinstance(error, RuntimeError) and "Event loop is closed" in str(error)
+
+
+def _quiet_orbax_leftovers() -> None:
+    """When a write fails (a full disk), orbax's pending tensorstore callbacks reach its closed event loop from
+    other threads and report "Event loop is closed" as unraisable errors, then or at any later moment. The
+    write's own error is what the user needs: keep those quiet (only those) for the rest of the process."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_rfdit_quiet", False):
+        return
+
+    def hook(unraisable):
+        if not _closed_loop(unraisable.exc_value):
+            previous(unraisable)
+
+    hook._rfdit_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or made for another configuration."""
 
 
+class UnreadableCheckpoint(CheckpointError):
+    """A checkpoint whose files are damaged: truncated, garbled, or not what their checksums say."""
+
+
+def _as_uint32(x: jax.Array) -> jax.Array:
+    """The bits of `x` as uint32 words (one per element, two for 8-byte types)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, width) if x.dtype != width else x
+    return bits.astype(jnp.uint32)
+
+
+@jax.jit
+def _checksums(leaves: list[jax.Array]) -> jax.Array:
+    """(len(leaves), 2) uint32: two position-weighted sums of each leaf's bits, modulo 2**32.
+
+    Every weight is odd, so any one flipped bit changes the sums. They are reductions over the global array, so
+    they come out the same however the array is sharded (FSDP, many processes): every process joins, and
+    process 0 writes them with the metadata.
+    """
+    out = []
+    for x in leaves:
+        bits = _as_uint32(x).ravel()
+        i = jnp.arange(bits.shape[0], dtype=jnp.uint32)
+        first = jnp.sum(bits * (jnp.uint32(2) * i + jnp.uint32(1)), dtype=jnp.uint32)
+        second = jnp.sum(bits * ((i * jnp.uint32(0x9E3779B1)) | jnp.uint32(1)), dtype=jnp.uint32)
+        out.append(jnp.stack([first, second]))
+    return jnp.stack(out) if out else jnp.zeros((0, 2), jnp.uint32)
+
+
+def checksums(leaves: list[Any]) -> list[list[int]]:
+    return np.asarray(_checksums(list(leaves))).tolist()
+
+
+def _verify(step: int, directory: pathlib.Path, meta: dict[str, Any], names: list[str], leaves: list[Any]) -> None:
+    saved = meta.get("leaf_checksums")
+    if saved is None:  # written before checksums (rfdit 0.1.0)
+        return
+    bad = [name for name, got, want in zip(names, checksums(leaves), saved) if got != want]
+    if bad:
+        raise _unreadable(step, directory, ValueError(f"checksum mismatch in {len(bad)} arrays, e.g. {bad[:3]}"))
+
+
 def _unreadable(step: int, directory: pathlib.Path, error: Exception) -> CheckpointError:
     detail = str(error).split("[tensorstore_spec")[0][:400]
-    return CheckpointError(
+    return UnreadableCheckpoint(
         f"checkpoint {step} in {directory} is unreadable ({type(error).__name__}: {detail}); it may be corrupt or "
-        "incomplete. Delete it to fall back to an earlier one, or pass another --load_dir."
+        "incomplete. Delete it to fall back to an earlier one (or pass --load_fallback 1 to do that), or pass "
+        "another --load_dir."
     )
 
 
@@ -71,6 +140,7 @@ class Checkpointer:
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
+        _quiet_orbax_leftovers()
         self.directory = pathlib.Path(directory).absolute()
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoint folder at {self.directory}; pass a run folder or its checkpoints/.")
@@ -87,13 +157,26 @@ class Checkpointer:
         ocp = self._ocp
         names, leaves = _flatten(state)
         meta = {**meta, "leaf_names": names, "leaf_shapes": [list(x.shape) for x in leaves],
-                "leaf_dtypes": [str(x.dtype) for x in leaves]}
+                "leaf_dtypes": [str(x.dtype) for x in leaves], "leaf_checksums": checksums(leaves)}
         arrays = {f"leaf_{i:05d}": x for i, x in enumerate(leaves)}
-        self.manager.save(
-            step, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)),
-            force=True,
-        )
-        self.manager.wait_until_finished()
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        absl_logger.setLevel(logging.CRITICAL)  # orbax logs a failed write's traceback; the error below says it
+        try:
+            self.manager.save(
+                step, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)),
+                force=True,
+            )
+            self.manager.wait_until_finished()
+        except Exception as error:  # a full disk, a file-size limit, a lost mount: orbax raises many kinds
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # orbax's unretrieved futures of the same error
+            detail = str(error).split("[tensorstore_spec")[0][:300]
+            raise CheckpointError(
+                f"could not save checkpoint {step} in {self.directory} ({type(error).__name__}: {detail}); is the "
+                "disk full? The earlier checkpoints are kept."
+            ) from None
+        finally:
+            absl_logger.setLevel(level)
 
     def read_meta(self, step: int | None = None) -> tuple[int, dict[str, Any]]:
         step = self.latest_step() if step is None else step
@@ -112,7 +195,9 @@ class Checkpointer:
             arrays = self.manager.restore(step, args=self._ocp.args.Composite(arrays=self._ocp.args.StandardRestore()))
         except Exception as error:
             raise _unreadable(step, self.directory, error) from None
-        return {name: np.asarray(arrays["arrays"][f"leaf_{i:05d}"]) for i, name in enumerate(meta["leaf_names"])}
+        named = {name: np.asarray(arrays["arrays"][f"leaf_{i:05d}"]) for i, name in enumerate(meta["leaf_names"])}
+        _verify(step, self.directory, meta, list(named), list(named.values()))
+        return named
 
     def restore(self, template: PyTree, step: int | None = None) -> tuple[PyTree, dict[str, Any]]:
         """Restore into the structure of `template` (its shapes, dtypes and shardings)."""
@@ -139,7 +224,9 @@ class Checkpointer:
             )["arrays"]
         except Exception as error:
             raise _unreadable(step, self.directory, error) from None
-        new_leaves = iter([restored[f"leaf_{i:05d}"] for i in range(len(leaves))])
+        restored_leaves = [restored[f"leaf_{i:05d}"] for i in range(len(leaves))]
+        _verify(step, self.directory, meta, names, restored_leaves)
+        new_leaves = iter(restored_leaves)
         template_leaves, treedef = jax.tree_util.tree_flatten(template)
         out = []
         for leaf in template_leaves:
@@ -168,9 +255,12 @@ class Checkpointer:
 def export_model(model: DiT, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> pathlib.Path:
     """Write `model` as safetensors plus a versioned config.json into `directory`."""
     directory = pathlib.Path(directory)
-    write_tensors(directory / "model.safetensors", dict(zip(*_flatten(model))))
     config = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "model": model.config.to_dict(), **(extra or {})}
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    try:
+        write_tensors(directory / "model.safetensors", dict(zip(*_flatten(model))))
+        (directory / "config.json").write_text(json.dumps(config, indent=2))
+    except OSError as error:
+        raise CheckpointError(f"could not write the export in {directory} ({error}); is the disk full?") from None
     return directory
 
 
@@ -182,7 +272,12 @@ def load_export(directory: str | os.PathLike) -> tuple[DiT, dict[str, Any]]:
         raise CheckpointError(
             f"{directory} is not an rfdit export: expected config.json and model.safetensors in it."
         )
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as error:
+        raise CheckpointError(f"{config_path} is not valid JSON ({error}); export the model again.") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{config_path} has no \"model\" section; it is not an rfdit export's config.json.")
     if config.get("format") != EXPORT_FORMAT:
         raise CheckpointError(f"{config_path} has format {config.get('format')!r}; expected {EXPORT_FORMAT!r}.")
     if config.get("version", 0) > EXPORT_VERSION:
@@ -190,7 +285,11 @@ def load_export(directory: str | os.PathLike) -> tuple[DiT, dict[str, Any]]:
             f"{config_path} is export version {config['version']}; this rfdit reads up to {EXPORT_VERSION}. "
             "Upgrade rfdit."
         )
-    cfg = DiTConfig.from_dict(config["model"])
+    try:
+        _check_types(DiTConfig, config["model"])
+        cfg = DiTConfig.from_dict(config["model"])
+    except (TypeError, ValueError, KeyError) as error:
+        raise CheckpointError(f"{config_path}'s \"model\" section does not describe a model: {error}") from None
     skeleton = eqx.filter_eval_shape(DiT, cfg, key=jr.key(0))
     try:
         model = fill(skeleton, read_safetensors(weights_path), source=str(weights_path),
@@ -199,6 +298,21 @@ def load_export(directory: str | os.PathLike) -> tuple[DiT, dict[str, Any]]:
     except ValueError as error:
         raise CheckpointError(str(error)) from error
     return model, config
+
+
+def _check_types(cls, data: dict[str, Any]) -> None:
+    """A TypeError naming each value of `data` whose type is not its field's in the dataclass `cls`."""
+    hints = typing.get_type_hints(cls)
+    bad = []
+    for name, value in data.items():
+        hint = hints.get(name)
+        allowed = tuple(a for a in (typing.get_args(hint) or (hint,)) if isinstance(a, type))
+        if float in allowed:
+            allowed += (int,)
+        if allowed and (not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed)):
+            bad.append(f"{name} = {value!r} (expected {' or '.join(a.__name__ for a in allowed)})")
+    if bad:
+        raise TypeError("; ".join(bad))
 
 
 def checkpoint_dir(path: str | os.PathLike) -> pathlib.Path:
@@ -229,19 +343,33 @@ def load_model(path: str | os.PathLike) -> tuple[DiT, dict[str, Any]]:
     return state.ema, {"model": meta["run"]["model"], **meta["run"]}
 
 
-def restore_run(load_dir: str | os.PathLike, template: PyTree, model: DiTConfig) -> tuple[PyTree, int]:
+def restore_run(load_dir: str | os.PathLike, template: PyTree, model: DiTConfig, *,
+                check: Callable[[dict[str, Any]], None] | None = None, fallback: bool = False) -> tuple[PyTree, int]:
     """The training state saved in a run folder (or its checkpoints/), to resume from, and its data step.
 
     `template` gives the state's structure, shapes and shardings; a checkpoint made for another model
-    than `model` is refused with a `CheckpointError` that says what to pass.
+    than `model` is refused with a `CheckpointError` that says what to pass, and `check` (given the saved run
+    config) refuses other differences. With `fallback`, damaged checkpoints are renamed `unreadable-<step>` and
+    the newest good one is restored.
     """
     with Checkpointer(checkpoint_dir(load_dir), read_only=True) as source:
-        _, meta = source.read_meta()
-        saved_model = meta.get("run", {}).get("model")
-        if saved_model != model.to_dict():
-            raise CheckpointError(
-                f"the checkpoint in {load_dir} was made for model {saved_model}; this run resolves to "
-                f"{model.to_dict()}. Pass the same flags as the saved run (see its config.json)."
-            )
-        state, meta = source.restore(template)
+        steps = sorted(source.manager.all_steps(), reverse=True) if fallback else [None]
+        for i, step in enumerate(steps):
+            try:
+                step, meta = source.read_meta(step)
+                saved_model = meta.get("run", {}).get("model")
+                if saved_model != model.to_dict():
+                    raise CheckpointError(
+                        f"the checkpoint in {load_dir} was made for model {saved_model}; this run resolves to "
+                        f"{model.to_dict()}. Pass the same flags as the saved run (see its config.json)."
+                    )
+                if check is not None:
+                    check(meta.get("run", {}))
+                state, meta = source.restore(template, step)
+                break
+            except UnreadableCheckpoint as error:
+                if i == len(steps) - 1:
+                    raise
+                (source.directory / str(step)).rename(source.directory / f"unreadable-{step}")
+                print(f"{error}".split(" Delete it")[0] + f" Renamed it unreadable-{step}; trying the one before.")
     return state, int(meta["data_step"])

@@ -3,6 +3,7 @@
 | module | owns |
 | --- | --- |
 | `config` | the flags (`TrainArgs`), the data sets' defaults, and their resolution into a `RunConfig` of sections |
+| `folder` | the run folder: never another run's, locked while in use, removed again when the start fails |
 | `parts` | the run's keys and what it is built from: state (restored when resuming), data, VAE, compiled step |
 | `hooks` | `Hooks` (run every N steps and at the end) and the run's own: log, checkpoints, stop signal, export |
 | `evaluation` | pictures and figures at eval intervals and at the end (samples.npz, eval.json) |

@@ -148,9 +148,17 @@ class TrainArgs:
     eval_interval: int | None = None
     save_interval: int | None = None
     save_dir: str | None = None
-    """output folder; default runs/<timestamp>"""
+    """output folder; default runs/<timestamp> (a new one). A folder that holds a run is refused, unless it is
+    the run being continued or --overwrite 1 is given"""
     load_dir: str | None = None
-    """resume from a run folder (or its checkpoints/)"""
+    """continue the run in this run folder (or its checkpoints/), in that folder unless --save_dir names another"""
+    overwrite: Literal[0, 1] = 0
+    """1: delete the run in --save_dir and start over there"""
+    allow_change: str | None = None
+    """settings a resumed run may change from its checkpoint's, comma-separated (e.g. model.lr,batch_size);
+    any other difference in a setting that changes the result is refused"""
+    load_fallback: Literal[0, 1] = 0
+    """1: with --load_dir, rename damaged checkpoints unreadable-<step> and resume from the newest good one"""
     fid_stats: str | None = None
     debug_overfit: Literal[0, 1] = 0
     dequantize: Literal[0, 1] = 0
@@ -160,6 +168,7 @@ class TrainArgs:
     steps_per_call: int | None = None
     """training steps scanned inside one compiled call (digits: 10; others: 1)"""
     keep_checkpoints: int = 3
+    """the newest checkpoints kept (at least 1)"""
     num_samples: int = 1000
     """EMA samples per evaluation set at the end, spread evenly over the classes (digits: three sets, all
     written to samples.npz, figures averaged); 0 skips the final grids, samples and evaluation"""
@@ -363,6 +372,9 @@ def resolve(args: TrainArgs) -> RunConfig:
     max_steps = args.max_steps if args.max_steps is not None else defaults.max_steps
     if max_steps % k:
         raise ValueError(f"max_steps (={max_steps}) must be a multiple of steps_per_call (={k}).")
+    if args.keep_checkpoints < 1:
+        raise ValueError(f"--keep_checkpoints (={args.keep_checkpoints}) must be at least 1: a run keeps its newest "
+                         "checkpoints to resume from.")
     batch_size = args.batch_size or defaults.batch_size
     dtype = compute_dtype(args.precision)
     data = DataConfig(
@@ -392,3 +404,61 @@ def _vae_geometry(vae_path: str) -> tuple[int, int]:
         return 8, 4
     config = VAEConfig.from_diffusers_config(json.loads(config_path.read_text()))
     return config.downsample_factor, config.latent_channels
+
+
+# config.json's settings that change what a run computes; a resumed run must keep its checkpoint's (or name the
+# change in --allow_change). Not among them: max_steps, intervals, data paths, sampler, sharding and memory options.
+RESULT_SETTINGS = ("dataset_name", "data_image_size", "data_channels", "batch_size", "seed", "debug_overfit",
+                   "dequantize", "use_stable_vae", "precision", "residual_dtype", "flow", "optim")
+# config.json's names of settings whose flag is spelled otherwise
+FLAG_NAMES = {
+    "data_image_size": "image_size", "optim.ema_decay": "model.target_update_rate", "flow.t_clip_max": "model.t_clip",
+    **{f"optim.{name}": f"model.{name}" for name in ("lr", "beta1", "beta2", "warmup_steps", "grad_clip",
+                                                       "weight_decay", "ema_warmup")},
+    **{f"flow.{name}": f"model.{name}" for name in ("t_sampler", "class_dropout_prob")},
+}
+
+
+def changed_settings(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(flag name, saved value, new value) of each result setting that differs between two config.json dicts.
+
+    The saved one is read as `RunConfig.from_dict` reads it, so settings that its version did not have count
+    with their defaults."""
+    try:
+        saved = RunConfig.from_dict(saved).to_dict()
+    except (ValueError, TypeError):
+        pass
+    changes = []
+    for key in RESULT_SETTINGS:
+        old, new = saved.get(key), now.get(key)
+        if isinstance(old, dict) or isinstance(new, dict):
+            old, new = old or {}, new or {}
+            for name in sorted(set(old) | set(new)):
+                if old.get(name) != new.get(name):
+                    changes.append((FLAG_NAMES.get(f"{key}.{name}", f"{key}.{name}"), old.get(name), new.get(name)))
+        elif old != new:
+            changes.append((FLAG_NAMES.get(key, key), old, new))
+    return changes
+
+
+def check_resume(saved: dict[str, Any], run: RunConfig, allow_change: str | None, source: str) -> None:
+    """Refuse to resume the run config `saved` as `run` if a result setting differs that `allow_change` does
+    not name (flag names, comma-separated)."""
+    now = run.to_dict()
+    known = {FLAG_NAMES.get(key, key) for key in RESULT_SETTINGS if not isinstance(now.get(key), dict)}
+    known |= {FLAG_NAMES.get(f"{key}.{name}", f"{key}.{name}") for key in RESULT_SETTINGS
+              if isinstance(now.get(key), dict) for name in now[key]}
+    allowed = {name.strip().removeprefix("--") for name in (allow_change or "").split(",") if name.strip()}
+    unknown = sorted(allowed - known)
+    if unknown:
+        raise ValueError(f"--allow_change names {unknown}, which are not settings a resumed run compares; "
+                         f"those are {sorted(known)}.")
+    refused = [(name, old, new) for name, old, new in changed_settings(saved, now) if name not in allowed]
+    if refused:
+        listed = "; ".join(f"{name}: {old!r} -> {new!r}" for name, old, new in refused)
+        from ..checkpoint import CheckpointError
+
+        raise CheckpointError(
+            f"the checkpoint in {source} was made with other settings ({listed}). Resume with its settings (see "
+            f"its config.json), or name the changes you intend: --allow_change {','.join(n for n, _, _ in refused)}."
+        )

@@ -25,7 +25,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -33,6 +35,26 @@ from ..checkpoint import Checkpointer, export_model
 from ..distributed import local_copy
 from ..train import TrainState
 from .config import RunConfig
+
+
+class NonFiniteError(ValueError):
+    """The loss or the training state became NaN or infinite; nothing from that point on is saved."""
+
+
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def is_finite(tree) -> bool:
+    """Whether every floating-point array in `tree` is finite (one compiled reduction; every process joins)."""
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if eqx.is_inexact_array(x)]
+    return not leaves or bool(_all_finite(leaves))
+
+
+def check_finite(tree, what: str, step: int) -> None:
+    if not is_finite(tree):
+        raise NonFiniteError(f"the {what} holds NaN or infinite values at step {step}; not saving it.")
 
 
 @dataclasses.dataclass
@@ -155,8 +177,13 @@ class TrainingLog:
             elapsed = time.perf_counter() - self.interval_start
             values["img_per_s"] = self.interval_steps * self.run.data.batch_size / elapsed
             values.update({f"data/{name}": count for name, count in self.data_stats().items()})
+            since = info.step - self.interval_steps
             self.pending, self.interval_start, self.interval_steps = [], time.perf_counter(), 0
             self.logger.log(info.step, values)
+            if not np.isfinite(values["loss"]):
+                raise NonFiniteError(f"the loss became {values['loss']} at step {info.step} (the mean of steps "
+                                     f"{since + 1} to {info.step}).")
+            check_finite(info.state, "training state", info.step)
             self.progress.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['img_per_s']:.0f}")
         if info.last:
             self.progress.close()  # before what the end prints
@@ -173,6 +200,7 @@ class Checkpoints:
 
     def save(self, info: StepInfo) -> None:
         if info.step != self.saved_step:
+            check_finite(info.state, "training state", info.step)
             self.checkpointer.save(info.step, info.state, {"run": self.run.to_dict(), "data_step": info.step})
             self.saved_step = info.step
 
@@ -222,6 +250,7 @@ class Export:
         self.directory, self.run, self.enabled = directory, run, enabled
 
     def __call__(self, info: StepInfo) -> None:
+        check_finite(info.state.ema, "EMA model", info.step)
         ema = info.ema  # every process joins the gather
         if self.enabled:
             export_model(ema, self.directory, {"run": self.run.to_dict(), "sampler": self.run.sampler.to_dict()})

@@ -5,20 +5,21 @@ from __future__ import annotations
 import contextlib
 import json
 import pathlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import numpy as np
 
 from ..checkpoint import Checkpointer
-from ..cli import run_cli
+from ..cli import RunStopped, run_cli
 from ..data import Prefetcher
 from ..distributed import global_batch, initialize
 from .config import RunConfig, TrainArgs, parse_args, resolve
 from .evaluation import Evaluation
-from .hooks import Checkpoints, Export, Hooks, Logger, StepInfo, StopOnSignal, TrainingLog
-from .parts import Parts, RunKeys, build, make_run_dir
+from .hooks import Checkpoints, Export, Hooks, Logger, NonFiniteError, StepInfo, StopOnSignal, TrainingLog
+from .folder import RunFolder, agree_on_run_dir, choose_run_dir, new_run_dir
+from .parts import Parts, RunKeys, build
 
 
 def train_steps(parts: Parts, *, max_steps: int) -> Iterator[StepInfo]:
@@ -48,15 +49,20 @@ def train_steps(parts: Parts, *, max_steps: int) -> Iterator[StepInfo]:
         batches.close()
 
 
-def train(run: RunConfig, run_dir: pathlib.Path, *, load_dir: str | None = None) -> dict[str, Any]:
+def train(run: RunConfig, run_dir: pathlib.Path, *, load_dir: str | None = None, allow_change: str | None = None,
+          load_fallback: bool = False, started: Callable[[], None] | None = None) -> dict[str, Any]:
     """Train as `run` says into the run folder `run_dir`; resume from the run folder `load_dir` when given.
 
-    Returns a summary: the last step, the run folder, and the final evaluation's report (or `stopped`).
+    `allow_change` and `load_fallback` are as in `build`. `started` is called once the run is built (the state restored, config.json written) and before anything else
+    is written. Returns a summary: the last step, the run folder, and the final evaluation's report (or `stopped`).
     """
     is_main, keys = jax.process_index() == 0, RunKeys.from_seed(run.seed)
     schedule, k = run.schedule, run.execution.steps_per_call
+    parts = build(run, run_dir, keys, load_dir=load_dir, is_main=is_main, allow_change=allow_change,
+                  load_fallback=load_fallback)
+    if started is not None:
+        started()
     with Checkpointer(run_dir / "checkpoints", max_to_keep=schedule.keep_checkpoints) as checkpointer:
-        parts = build(run, run_dir, keys, load_dir=load_dir, is_main=is_main)
         with Logger(run_dir, run, enabled=is_main) as logger:
             evaluation = Evaluation(run, run_dir, parts.data, parts.vae, key=keys.sample, log=logger.log,
                                     enabled=is_main)
@@ -72,17 +78,27 @@ def train(run: RunConfig, run_dir: pathlib.Path, *, load_dir: str | None = None)
                 hooks.add(stop, every=k, at_end=True)
                 hooks.add(Export(run_dir / "export", run, enabled=is_main), at_end=True)
                 hooks.add(evaluation.at_end, at_end=True)
-                for info in steps:
-                    if hooks.run(info):
-                        break
+                try:
+                    for info in steps:
+                        if hooks.run(info):
+                            break
+                except NonFiniteError as error:
+                    last = checkpointer.latest_step()
+                    good = (f"The last good checkpoint is step {last} in {checkpointer.directory}; continue from it "
+                            "with a lower --model.lr or a longer --model.warmup_steps (--load_dir with "
+                            "--allow_change model.lr)." if last is not None else "No checkpoint was saved.")
+                    raise NonFiniteError(f"training diverged: {error} {good}") from None
     summary: dict[str, Any] = {"step": info.step, "run_dir": str(run_dir)}
     if stop.signal is not None:
-        return {**summary, "stopped": True}
+        return {**summary, "stopped": True, "signal": stop.signal}
     return summary if evaluation.report is None else {**summary, "eval": evaluation.report}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """experiments/train_flow.py: parse the flags, print the resolved config (--dry_run) or train."""
+    """experiments/train_flow.py: parse the flags, print the resolved config (--dry_run) or train.
+
+    A run stopped by SIGINT or SIGTERM raises `rfdit.cli.RunStopped` (from a terminal: exit status 130 or 143).
+    """
 
     def run(args: TrainArgs) -> dict[str, Any]:
         if not args.dry_run:
@@ -91,6 +107,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.dry_run:
             print(json.dumps(config.to_dict(), indent=2))
             return {"config": config.to_dict()}
-        return train(config, make_run_dir(args.save_dir), load_dir=args.load_dir)
+        is_main, fresh = jax.process_index() == 0, []
+
+        def choose() -> pathlib.Path:
+            path = choose_run_dir(args.save_dir, args.load_dir, overwrite=bool(args.overwrite))
+            if path is None:
+                fresh.append(True)
+                path = new_run_dir()
+            return path
+
+        run_dir = agree_on_run_dir(choose)  # process 0 chooses; the others follow
+        with RunFolder(run_dir, lock=is_main, overwrite=bool(args.overwrite) and is_main,
+                       created=bool(fresh)) as folder:
+            summary = train(config, run_dir, load_dir=args.load_dir, allow_change=args.allow_change,
+                            load_fallback=bool(args.load_fallback), started=folder.started)
+        if summary.get("stopped"):
+            raise RunStopped(summary["signal"], summary["step"], summary["run_dir"])
+        return summary
 
     return run_cli(parse_args, run, argv)

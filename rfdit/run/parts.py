@@ -8,7 +8,6 @@ VAE, the step, and the FID reference (checked now, not at the first evaluation).
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import pathlib
 from collections.abc import Callable
@@ -30,7 +29,7 @@ from ..metrics import load_statistics
 from ..nn.dit import DiT
 from ..nn.vae import StableVAE
 from ..train import TrainState, TrainStep, make_optimizer
-from .config import RunConfig
+from .config import RunConfig, check_resume
 
 # fold_in(key(seed), MODEL_SPACE_STREAM) draws the model-space randomness (latent samples, dequantisation noise)
 MODEL_SPACE_STREAM = 0x1A7E
@@ -69,18 +68,12 @@ class Parts:
     step_fn: TrainStep
 
 
-def make_run_dir(save_dir: str | None) -> pathlib.Path:
-    """The run folder (created): `save_dir`, or runs/<timestamp>."""
-    if save_dir is None:
-        save_dir = pathlib.Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = pathlib.Path(save_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def build(run: RunConfig, run_dir: pathlib.Path, keys: RunKeys, *, load_dir: str | None = None,
-          is_main: bool = True) -> Parts:
-    """The run's parts; resumes from the run folder `load_dir` when given, and writes config.json."""
+          is_main: bool = True, allow_change: str | None = None, load_fallback: bool = False) -> Parts:
+    """The run's parts; resumes from the run folder `load_dir` when given, and writes config.json.
+
+    A resumed run must keep the checkpoint's result settings except those `allow_change` names (`check_resume`);
+    with `load_fallback`, damaged checkpoints are set aside for the newest good one."""
     execution = run.execution
     optimizer = make_optimizer(run.optimizer)
     with jax.numpy_dtype_promotion("standard"):
@@ -90,7 +83,9 @@ def build(run: RunConfig, run_dir: pathlib.Path, keys: RunKeys, *, load_dir: str
         state = TrainState.create(model, optimizer, key=keys.state)
     start_step = 0
     if load_dir is not None:
-        state, start_step = restore_run(load_dir, state, run.model)
+        state, start_step = restore_run(
+            load_dir, state, run.model, fallback=load_fallback,
+            check=lambda saved: check_resume(saved, run, allow_change, str(load_dir)))
         if start_step % execution.steps_per_call:
             raise CheckpointError(
                 f"the checkpoint is at step {start_step}, not a multiple of --steps_per_call "

@@ -20,12 +20,20 @@ from typing import Any, Literal
 
 import tyro
 
-from ..config import PRESETS, DiTConfig, FlowConfig, OptimConfig, SamplerConfig, compute_dtype
+from ..checkpoint import CheckpointError
+from ..config import (
+    PRESETS,
+    DiTConfig,
+    FlowConfig,
+    OptimConfig,
+    SamplerConfig,
+    compute_dtype,
+)
 from ..data.images import list_image_folder
 from ..data.latents import read_latents_meta
 from ..nn.policy import resolve_remat, resolve_scan_unroll
-from ..sampling import SolverName
 from ..nn.vae import VAEConfig
+from ..sampling import SolverName
 from ..train import resolve_grad_accum
 
 DatasetName = Literal[
@@ -456,8 +464,6 @@ def check_resume(saved: dict[str, Any], run: RunConfig, allow_change: str | None
     refused = [(name, old, new) for name, old, new in changed_settings(saved, now) if name not in allowed]
     if refused:
         listed = "; ".join(f"{name}: {old!r} -> {new!r}" for name, old, new in refused)
-        from ..checkpoint import CheckpointError
-
         raise CheckpointError(
             f"the checkpoint in {source} was made with other settings ({listed}). Resume with its settings (see "
             f"its config.json), or name the changes you intend: --allow_change {','.join(n for n, _, _ in refused)}."

@@ -22,6 +22,8 @@ import pathlib
 import shutil
 import socket
 
+from ..checkpoint import CheckpointError
+
 # what a run writes into its folder; a folder holding any of them holds a run
 RUN_FILES = ("checkpoints", "export", "config.json", "metrics.jsonl", "samples.npz", "eval.json",
              "eval_references.json", "grids")
@@ -51,8 +53,6 @@ def choose_run_dir(save_dir: str | None, load_dir: str | None, *, overwrite: boo
     is the run being continued, or `overwrite` says to start over there.
     """
     if load_dir is not None and not pathlib.Path(load_dir).is_dir():
-        from ..checkpoint import CheckpointError
-
         raise CheckpointError(f"no checkpoint folder at {load_dir}; pass a run folder or its checkpoints/.")
     if save_dir is None:
         return None if load_dir is None else run_folder_of(load_dir)

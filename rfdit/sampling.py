@@ -240,8 +240,9 @@ def solve(
             of 0.04: 250 evaluations).
         key: the SDE's Brownian motion, one key for the whole state or one key per sample along the
             leading axis of every leaf (shape (B,)): sample i then depends on its own state and key[i]
-            only. The path is a `VirtualBrownianTree` resolved to 2^-14 of the interval (finer if the
-            steps are), so fixed-step solves of up to 4,096 steps with one key share one path.
+            only. The path is a `VirtualBrownianTree` resolved to 2^-14 of the interval (2^-16 for
+            adaptive steps; finer if the steps are), so fixed-step solves of up to 4,096 steps with one
+            key share one path, and their errors are strong errors.
 
     Returns:
         The state at t1 and stats: `nfe` (field evaluations: rejected steps, the FSAL start, the
@@ -267,7 +268,7 @@ def solve(
             stepsize_controller, dfx.AbstractAdaptiveStepSizeController)):
         raise ValueError(
             "euler has no error estimate, so it cannot step adaptively; give num_steps, or pick one of "
-            f"{[s for s in SOLVERS if s != 'euler']} for rtol/atol."
+            f"{['heun', 'shark', 'sra1'] if stochastic else [s for s in SOLVERS if s != 'euler']} for rtol/atol."
         )
     t_end = t1 - last_step_size if stochastic and last_step is not None else t1
     controller, dt0, t0, t_end = _controller(stepsize_controller, rtol, atol, num_steps, ts, t0, t_end, jump_ts)

@@ -1,15 +1,17 @@
 """The flow's SDE against closed forms: Gaussian data, whose velocity, score and Tweedie mean are known exactly."""
 
+import itertools
+
 import diffrax as dfx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+from test_sampling import tiny_model
 
 import rfdit
 from rfdit.sde import DIFFUSION_FORMS, Diffusion, last_step, score_from_velocity
-from test_sampling import tiny_model
 
 # Data N(M, S) in two dimensions, correlated, with eigenvalues 1.51 and 0.29.
 M = np.array([0.5, -1.0])
@@ -104,7 +106,6 @@ def moments_of_the_scheme(form, norm, grid, last, size):
     Gaussian data: the drift is affine, so the scheme maps Gaussians to Gaussians (float64 recursion)."""
     w = None if form is None else (lambda t: sit_diffusion(form, norm, t))
     mean, cov = np.zeros(2), I2.copy()
-    ident = lambda t: I2  # noqa: E731
 
     def affine(t, with_score):
         b = gain(t)
@@ -112,9 +113,9 @@ def moments_of_the_scheme(form, norm, grid, last, size):
         if not with_score:
             return b, c_v
         k = w(t) / (1 - t)  # drift v - k·(x - t·v)
-        return (1 + k * t) * b - k * ident(t), (1 + k * t) * c_v
+        return (1 + k * t) * b - k * I2, (1 + k * t) * c_v
 
-    for t, t_next in zip(grid[:-1], grid[1:]):
+    for t, t_next in itertools.pairwise(grid):
         h = t_next - t
         a, c = affine(t, w is not None)
         step = I2 + h * a

@@ -1,8 +1,8 @@
-"""Sampling as an ODE from noise (t=0) to data (t=1), solved by Diffrax.
+"""Sampling as an ODE (or the SDE with the same marginals) from noise (t=0) to data (t=1), solved by Diffrax.
 
 `solve` integrates any field `field(t, x) -> dx/dt` over a pytree state with a fixed
-step count or adaptive steps; `sample` builds the (guided) velocity field of a DiT
-and solves it for a batch.
+step count or adaptive steps, or, given a `Diffusion` and a key, the flow's SDE (see `rfdit.sde`);
+`sample` builds the (guided) velocity field of a DiT and solves it for a batch.
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PyTree
+
+from . import sde
+from .sde import SDE_SOLVERS, Diffusion
 
 SOLVERS: dict[str, type[dfx.AbstractSolver]] = {
     "euler": dfx.Euler,
@@ -42,12 +45,14 @@ class SolveFailed(RuntimeError):
         self.stats = stats
 
 
-def _solver(solver: str | dfx.AbstractSolver) -> dfx.AbstractSolver:
+def _solver(solver: str | dfx.AbstractSolver, *, stochastic: bool = False) -> dfx.AbstractSolver:
     if isinstance(solver, dfx.AbstractSolver):
         return solver
-    if solver not in SOLVERS:
-        raise ValueError(f"Unknown solver {solver!r}; give one of {list(SOLVERS)} or a diffrax.AbstractSolver.")
-    return SOLVERS[solver]()
+    names = SDE_SOLVERS if stochastic else SOLVERS
+    if solver not in names:
+        what = "SDE solver" if stochastic else "solver"
+        raise ValueError(f"Unknown {what} {solver!r}; give one of {list(names)} or a diffrax.AbstractSolver.")
+    return names[solver]()
 
 
 def solver_name(solver: str | dfx.AbstractSolver) -> str:
@@ -66,6 +71,18 @@ def _erk_counts(solver: dfx.AbstractSolver) -> tuple[int, int] | None:
     stages = len(tableau.c) + 1
     fsal = bool(tableau.fsal)
     return stages - int(fsal), int(fsal)
+
+
+def _sde_counts(solver: dfx.AbstractSolver) -> tuple[int, int] | None:
+    """(drift evaluations per attempted step, 0) of an SDE solver: Euler-Maruyama, a stochastic
+    Runge-Kutta solver from its tableau, or an explicit Runge-Kutta one without first-same-as-last;
+    None otherwise."""
+    if isinstance(solver, dfx.AbstractSRK):
+        tableau = solver.tableau
+        ignored = 0 if tableau.ignore_stage_f is None else int(np.sum(tableau.ignore_stage_f))
+        return len(tableau.b_sol) - ignored, 0
+    counts = _erk_counts(solver)
+    return counts if counts is not None and counts[1] == 0 else None
 
 
 def evaluations_per_step(solver: str | dfx.AbstractSolver) -> tuple[int, int]:
@@ -191,8 +208,12 @@ def solve(
     jump_ts: Sequence[float] | None = None,
     max_steps: int = 4096,
     on_failure: str = "raise",
+    diffusion: Diffusion | None = None,
+    last_step: str | None = None,
+    last_step_size: float = 0.04,
+    key: Array | None = None,
 ) -> tuple[PyTree, dict[str, Any]]:
-    """Integrate dx/dt = field(t, x) from t0 to t1 with a Diffrax solver.
+    """Integrate dx/dt = field(t, x) from t0 to t1 with a Diffrax solver, or the flow's SDE.
 
     Arguments:
         field: the velocity `field(t, x)`, x any pytree.
@@ -209,40 +230,81 @@ def solve(
         max_steps: the most steps an adaptive solve attempts.
         on_failure: "raise" (the default) stops a solve that does not reach t1 with Diffrax's error,
             inside a jit too; "return" gives the partial state, with `stats["result"]` nonzero.
+        diffusion: None solves the ODE. A `Diffusion` w(t) solves the SDE with the same marginals,
+            dX = (v + w·∇log p_t) dt + √(2w) dW with ∇log p_t = -(x - t·v)/(1 - t) (see `rfdit.sde`),
+            as `MultiTerm(ODETerm, ControlTerm)` over a `VirtualBrownianTree`. `solver` is then a name
+            from `rfdit.sde.SDE_SOLVERS` ("euler" is Euler-Maruyama; "shark", "sra1" and "sea" are
+            Diffrax's additive-noise solvers) or a solver object.
+        last_step: for the SDE, the solve stops at t1 - last_step_size and takes SiT's last step to t1:
+            "mean" (the drift without noise), "euler" (the velocity alone) or "tweedie" (E[x1 | x_t],
+            equal to "euler" on this path); None runs the SDE to t1. `num_steps` and `ts` then cover
+            [t0, t1 - last_step_size] (SiT's and REPA's "250 steps" are 249 steps and a last step
+            of 0.04: 250 evaluations).
+        key: the SDE's Brownian motion, one key for the whole state or one key per sample along the
+            leading axis of every leaf (shape (B,)): sample i then depends on its own state and key[i]
+            only. The path is a `VirtualBrownianTree` resolved to 2^-14 of the interval (2^-16 for
+            adaptive steps; finer if the steps are), so fixed-step solves of up to 4,096 steps with one
+            key share one path, and their errors are strong errors.
 
     Returns:
-        The state at t1 and stats: `nfe` (field evaluations: rejected steps, the FSAL start and the
-        first-stage re-evaluations after jump times included; None for a solver that is not an
-        explicit Runge-Kutta one), `num_steps`, `num_accepted_steps`, `num_rejected_steps`,
-        `result` (Diffrax's result code; 0 is success), `t_reached` and, with `save_ts`, `ys`.
+        The state at t1 and stats: `nfe` (field evaluations: rejected steps, the FSAL start, the
+        first-stage re-evaluations after jump times and the SDE's last step included; None for a
+        solver whose count its type does not tell), `num_steps` (without the last step),
+        `num_accepted_steps`, `num_rejected_steps`, `result` (Diffrax's result code; 0 is success),
+        `t_reached` and, with `save_ts`, `ys`.
     """
     if on_failure not in ON_FAILURE:
         raise ValueError(f"on_failure (={on_failure!r}) must be one of {ON_FAILURE}.")
-    solver_obj = _solver(solver)
+    stochastic = diffusion is not None
+    if not stochastic and (key is not None or last_step is not None):
+        raise ValueError("key and last_step belong to the SDE; give diffusion=rfdit.Diffusion(...) too, or drop them.")
+    if stochastic:
+        if key is None:
+            raise ValueError("The SDE needs a key for its Brownian motion: solve(..., diffusion=..., key=key).")
+        if last_step is not None and last_step not in sde.LAST_STEPS:
+            raise ValueError(f"last_step (={last_step!r}) must be one of {list(sde.LAST_STEPS)} or None.")
+        if last_step is not None and not 0 < last_step_size < t1 - t0:
+            raise ValueError(f"last_step_size (={last_step_size}) must lie in (0, t1 - t0 = {t1 - t0}).")
+    solver_obj = _solver(solver, stochastic=stochastic)
     if isinstance(solver_obj, dfx.Euler) and (rtol is not None or atol is not None or isinstance(
             stepsize_controller, dfx.AbstractAdaptiveStepSizeController)):
         raise ValueError(
             "euler has no error estimate, so it cannot step adaptively; give num_steps, or pick one of "
-            f"{[s for s in SOLVERS if s != 'euler']} for rtol/atol."
+            f"{['heun', 'shark', 'sra1'] if stochastic else [s for s in SOLVERS if s != 'euler']} for rtol/atol."
         )
-    controller, dt0, t0, t1 = _controller(stepsize_controller, rtol, atol, num_steps, ts, t0, t1, jump_ts)
+    t_end = t1 - last_step_size if stochastic and last_step is not None else t1
+    controller, dt0, t0, t_end = _controller(stepsize_controller, rtol, atol, num_steps, ts, t0, t_end, jump_ts)
+    if stochastic:
+        _check_sde_interval(diffusion, t0, t_end, t1, last_step, last_step_size)
     counting = isinstance(controller, _CountJumps)
     steps_budget = max_steps if isinstance(controller, dfx.AbstractAdaptiveStepSizeController) else None
     if isinstance(controller, dfx.StepTo):
         steps_budget = controller.ts.shape[0] - 1
     elif steps_budget is None:
         steps_budget = max(max_steps, num_steps or 0)
-    term = dfx.ODETerm(lambda t, x, args: field(t, x))
     saveat = dfx.SaveAt(t1=True, controller_state=counting) if save_ts is None else \
         dfx.SaveAt(ts=jnp.asarray(save_ts), t1=True, controller_state=counting)
-    counts = _erk_counts(solver_obj)
     solver_state = None
-    if counts is not None and counts[1]:
-        # FSAL: evaluate f(t0, x0) once here. Diffrax would otherwise re-evaluate the first
-        # stage on every rejected attempt of the first step, which no step count reveals.
-        solver_state = (jnp.asarray(False), field(jnp.asarray(t0), x0))
+    if stochastic:
+        adaptive = isinstance(controller, dfx.AbstractAdaptiveStepSizeController)
+        levels = 16 if adaptive else 14
+        smallest, span = (None if adaptive else _smallest_step(controller, dt0)), _concrete(t_end - t0)
+        if smallest is not None and span is not None:  # leaves at most a quarter of the smallest step
+            levels = max(levels, int(np.ceil(np.log2(span / smallest))) + 2)
+        brownian = sde.brownian_path(key, x0, t0, t_end, (t_end - t0) * 2.0**-levels, sde.levy_area(solver_obj))
+        sde_drift = sde.drift(field, diffusion)
+        term = dfx.MultiTerm(dfx.ODETerm(lambda t, x, args: sde_drift(t, x)),
+                             sde.diffusion_term(diffusion, brownian, x0))
+        counts = _sde_counts(solver_obj)
+    else:
+        term = dfx.ODETerm(lambda t, x, args: field(t, x))
+        counts = _erk_counts(solver_obj)
+        if counts is not None and counts[1]:
+            # FSAL: evaluate f(t0, x0) once here. Diffrax would otherwise re-evaluate the first
+            # stage on every rejected attempt of the first step, which no step count reveals.
+            solver_state = (jnp.asarray(False), field(jnp.asarray(t0), x0))
     sol = dfx.diffeqsolve(
-        term, solver_obj, t0, t1, dt0, x0, solver_state=solver_state, stepsize_controller=controller,
+        term, solver_obj, t0, t_end, dt0, x0, solver_state=solver_state, stepsize_controller=controller,
         saveat=saveat, max_steps=steps_budget, throw=on_failure == "raise",
     )
     nfe = None
@@ -251,6 +313,8 @@ def solve(
         nfe = per_step * sol.stats["num_steps"] + at_start
         if counting and at_start:
             nfe = nfe + sol.controller_state[-1]
+        if stochastic and last_step is not None:
+            nfe = nfe + 1
         nfe = jnp.asarray(nfe, jnp.int32)
     stats = {
         "nfe": nfe,
@@ -264,7 +328,44 @@ def solve(
     x1 = jax.tree_util.tree_map(lambda y: y[-1], sol.ys)
     if save_ts is not None:
         stats["ys"] = jax.tree_util.tree_map(lambda y: y[:-1], sol.ys)
+    if stochastic and last_step is not None:
+        reached = stats["result"] == 0
+        stepped = sde.last_step(last_step, field, diffusion, sol.ts[-1], x1, last_step_size)
+        x1 = jax.tree_util.tree_map(lambda a, b: jnp.where(reached, a, b), stepped, x1)
+        stats["t_reached"] = jnp.where(reached, sol.ts[-1] + last_step_size, sol.ts[-1])
     return x1, stats
+
+
+def _concrete(x) -> float | None:
+    try:
+        return float(x)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _smallest_step(controller, dt0) -> float | None:
+    if isinstance(controller, dfx.StepTo):
+        try:
+            return float(np.min(np.diff(np.asarray(controller.ts))))
+        except (TypeError, jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+            return None
+    return None if dt0 is None else _concrete(dt0)
+
+
+def _check_sde_interval(diffusion, t0, t_end, t1, last_step, last_step_size):
+    start, end = _concrete(t0), _concrete(t_end)
+    if start is not None and diffusion.singular_at(start):
+        raise ValueError(f"The {diffusion.form} diffusion is singular at t = 0; start the SDE at a small t0 > 0 "
+                         "(SiT's --sample-eps is 1e-3).")
+    if end is None:
+        return
+    if last_step is None:
+        if diffusion.singular_at(end):
+            raise ValueError(f"The {diffusion.form} diffusion makes the score term singular at t = 1; take a "
+                             "last step (last_step='mean', SiT's default) or stop before t = 1.")
+    elif abs(end + last_step_size - t1) > 1e-6:
+        raise ValueError(f"The SDE's grid ends at t = {end:.6g}, but with last_step_size={last_step_size} it must "
+                         f"end at t1 - last_step_size = {t1 - last_step_size:.6g}.")
 
 
 def failure_message(
@@ -338,17 +439,18 @@ def guided_field(
 
 
 @eqx.filter_jit
-def _sample(model, noise, labels, cfg_scale, solver_kwargs, guidance_interval, cfg_channels, per_sample):
+def _sample(model, noise, labels, cfg_scale, keys, solver_kwargs, guidance_interval, cfg_channels, per_sample):
     if per_sample:
-        def one(x, y):
+        def one(x, y, k):
             field = guided_field(model, y[None], cfg_scale, guidance_interval=guidance_interval,
                                  cfg_channels=cfg_channels)
-            x1, stats = solve(field, x[None], **solver_kwargs)
+            # a batch of one with its own key: the same Brownian path as in a batch
+            x1, stats = solve(field, x[None], key=None if k is None else k[None], **solver_kwargs)
             return x1[0], stats
 
-        return jax.vmap(one)(noise, labels)
+        return jax.vmap(one)(noise, labels, keys)
     field = guided_field(model, labels, cfg_scale, guidance_interval=guidance_interval, cfg_channels=cfg_channels)
-    return solve(field, noise, **solver_kwargs)
+    return solve(field, noise, key=keys, **solver_kwargs)
 
 
 def sample(
@@ -370,6 +472,11 @@ def sample(
     save_ts: Sequence[float] | None = None,
     max_steps: int = 4096,
     on_failure: str = "raise",
+    diffusion: Diffusion | None = None,
+    last_step: str | None = None,
+    last_step_size: float = 0.04,
+    t0: float = 0.0,
+    key: Array | None = None,
 ) -> tuple[Float[Array, "b H W C"], dict[str, Any]]:
     """Generate a batch by integrating the model's (guided) velocity from noise to data.
 
@@ -387,6 +494,16 @@ def sample(
     A solve that does not reach t = 1 raises `SolveFailed` (checked on the host, naming the solver,
     its tolerances, max_steps and the time reached); `on_failure="return"` gives the partial
     images, with `stats["result"]` and a per-sample `stats["failed"]`.
+
+    `diffusion` (a `Diffusion`), `last_step`, `last_step_size` and `key` sample the SDE with the
+    flow's marginals instead (see `solve`); `t0` is where the noise starts (SBDM needs t0 > 0, SiT's
+    1e-3). `key` is one key, split per sample as `fold_in(key, i)`, or one key per sample (B,): with
+    fixed steps or `per_sample=True` a sample depends only on its noise and its key, not on the rest
+    of the batch. A time shift applies to the SDE's grid on [t0, 1 - last_step_size].
+
+    SiT's SDE recipe (FID 2.06 on ImageNet-256 with SiT-XL/2): `diffusion=Diffusion("sigma"),
+    last_step="mean", last_step_size=0.04, solver="euler", num_steps=249` (250 evaluations),
+    `cfg_scale=1.5, cfg_channels=3`.
     """
     if noise.ndim != 4 or labels.shape != noise.shape[:1]:
         raise ValueError(f"sample expects noise (B, H, W, C) and labels (B,); got {noise.shape} and {labels.shape}.")
@@ -394,8 +511,14 @@ def sample(
         raise ValueError(f"on_failure (={on_failure!r}) must be one of {ON_FAILURE}.")
     guide = not (isinstance(cfg_scale, (int, float)) and cfg_scale == 1) and cfg_scale is not None
     scale = jnp.asarray(cfg_scale, noise.dtype) if guide else None
+    if diffusion is None and (key is not None or last_step is not None):
+        raise ValueError("key and last_step belong to the SDE; give diffusion=rfdit.Diffusion(...) too, or drop them.")
+    if diffusion is not None and key is None:
+        raise ValueError("The SDE needs a key: sample(..., diffusion=..., key=key).")
+    keys = None if key is None else sde.per_sample_keys(key, noise.shape[0])
+    t_end = 1.0 - last_step_size if diffusion is not None and last_step is not None else 1.0
     if ts is None and num_steps is not None and time_shift != 1.0:
-        ts = time_grid(num_steps, time_shift)
+        ts = t0 + (t_end - t0) * time_grid(num_steps, time_shift)
         num_steps = None
     solver_kwargs = dict(
         solver=solver, num_steps=num_steps, rtol=rtol, atol=atol, stepsize_controller=stepsize_controller,
@@ -403,8 +526,10 @@ def sample(
         save_ts=None if save_ts is None else tuple(float(t) for t in save_ts),
         jump_ts=tuple(float(t) for t in guidance_interval) if guide and guidance_interval is not None else None,
         on_failure="return",  # checked below, on the host, with the settings named
+        diffusion=diffusion, last_step=last_step, last_step_size=last_step_size, t0=t0,
     )
-    images, stats = _sample(model, noise, labels, scale, solver_kwargs, guidance_interval, cfg_channels, per_sample)
+    images, stats = _sample(model, noise, labels, scale, keys, solver_kwargs, guidance_interval, cfg_channels,
+                            per_sample)
     stats = dict(stats, failed=jnp.broadcast_to(stats["result"] != 0, labels.shape))
     if on_failure == "raise":
         message = failure_message(stats, solver=solver, rtol=rtol, atol=atol, max_steps=max_steps,

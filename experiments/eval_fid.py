@@ -30,8 +30,8 @@ import jax.random as jr
 
 from rfdit.cli import run_cli
 from rfdit.generation import (
-    ControllerFlags,
     RANDOM_INCEPTION_WARNING,
+    ControllerFlags,
     dataset_statistics,
     inception_features,
     load_for_sampling,
@@ -43,7 +43,10 @@ from rfdit.generation import (
     uniform_labels,
 )
 from rfdit.metrics import frechet_distance
-from rfdit.sampling import SolverName as Solver
+from rfdit.sampling import SOLVERS
+from rfdit.sde import SDE_SOLVERS
+
+Solver = Literal[tuple(dict.fromkeys([*SOLVERS, *SDE_SOLVERS]))]  # type: ignore[valid-type]  # ODE and SDE names
 
 
 @dataclasses.dataclass
@@ -69,7 +72,7 @@ class EvalFidArgs(ControllerFlags):
     """the same as --denoise_timesteps (sample.py's name)"""
     num_samples: int = 50000
     solver: Solver | None = None
-    """ODE solver; default: the run's (else euler)"""
+    """ODE solver (with --diffusion, the SDE solver: euler is Euler-Maruyama); default: the run's (else euler)"""
     rtol: float | None = None
     """adaptive steps with this relative tolerance (not euler)"""
     atol: float | None = None

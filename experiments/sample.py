@@ -4,6 +4,8 @@
     python experiments/sample.py --load_dir runs/digits/export --num_samples 64 --solver dopri5 --rtol 1e-3
     python experiments/sample.py --load_dir imported/sit-xl-2 --vae weights/sd-vae-ft-ema --num_samples 16 \\
         --solver dopri5 --rtol 1e-3 --atol 1e-6 --cfg_scale 1.5 --cfg_channels 3           # SiT's ODE setting
+    python experiments/sample.py --load_dir runs/digits --num_samples 64 --num_steps 249 \\
+        --diffusion sigma --last_step mean --last_step_size 0.04     # SiT's SDE: 250 Euler-Maruyama evaluations
 
 `--load_dir` is a run folder, its checkpoints/ or an export folder. Without `--labels`, `--num_samples`
 labels (default 16) are drawn uniformly over the classes. Unset sampler flags take the run's saved sampler
@@ -18,7 +20,7 @@ import dataclasses
 import datetime
 import json
 import pathlib
-from typing import Any
+from typing import Any, Literal
 
 import jax.random as jr
 import numpy as np
@@ -26,10 +28,18 @@ import numpy as np
 from rfdit import plots
 from rfdit.cli import run_cli
 from rfdit.generation import (
-    ControllerFlags, generate, generate_kwargs, grid_shape, load_for_sampling, resolve_sampler, uniform_labels,
+    ControllerFlags,
+    generate,
+    generate_kwargs,
+    grid_shape,
+    load_for_sampling,
+    resolve_sampler,
+    uniform_labels,
 )
-from rfdit.sampling import SolverName as Solver
+from rfdit.sampling import SOLVERS
+from rfdit.sde import SDE_SOLVERS
 
+Solver = Literal[tuple(dict.fromkeys([*SOLVERS, *SDE_SOLVERS]))]  # type: ignore[valid-type]  # ODE and SDE names
 
 
 @dataclasses.dataclass
@@ -43,7 +53,7 @@ class SampleArgs(ControllerFlags):
     num_samples: int | None = None
     """samples with labels drawn uniformly over the classes (default 16 when --labels is not given)"""
     solver: Solver | None = None
-    """ODE solver; default: the run's (else euler)"""
+    """ODE solver (with --diffusion, the SDE solver: euler is Euler-Maruyama); default: the run's (else euler)"""
     num_steps: int | None = None
     """fixed steps; default: the run's (else 32)"""
     rtol: float | None = None

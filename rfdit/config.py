@@ -15,6 +15,7 @@ from typing import Any
 import diffrax as dfx
 
 from .sampling import SOLVERS  # the one list of solver names
+from .sde import DIFFUSION_FORMS, SDE_SOLVERS, Diffusion
 
 # name -> (hidden_size, depth, num_heads, patch_size or None, mlp_ratio or None)
 _SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
@@ -243,7 +244,7 @@ class SamplerConfig(_JsonMixin):
         return super().from_dict(data)
 
     def sample_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of `rfdit.sample` that these settings give (the ODE's)."""
+        """The keyword arguments of `rfdit.sample` that these settings give (the SDE's need a `key` too)."""
         kwargs: dict[str, Any] = dict(solver=self.solver, cfg_scale=self.cfg_scale, max_steps=self.max_steps,
                                       guidance_interval=self.guidance_interval, cfg_channels=self.cfg_channels,
                                       per_sample=self.per_sample)
@@ -258,6 +259,12 @@ class SamplerConfig(_JsonMixin):
             atol = self.rtol if self.atol is None else self.atol
             kwargs["stepsize_controller"] = dfx.PIDController(
                 rtol=rtol, atol=atol, pcoeff=self.pcoeff, icoeff=self.icoeff, dtmin=self.dtmin, dtmax=self.dtmax)
+        if self.diffusion is not None:
+            kwargs.update(diffusion=Diffusion(self.diffusion, norm=self.diffusion_norm), last_step=self.last_step,
+                          last_step_size=self.last_step_size, t0=self.sample_eps)
+            if "ts" in kwargs or kwargs.get("time_shift", 1.0) != 1.0:
+                raise ValueError("the SDE's fixed steps are a uniform grid of num_steps; drop ts and time_shift.")
+            kwargs.pop("time_shift", None)
         return kwargs
 
     def __post_init__(self):
@@ -267,8 +274,12 @@ class SamplerConfig(_JsonMixin):
             raise ValueError(f"num_steps (={self.num_steps}) must be positive.")
         if self.time_shift <= 0 or not math.isfinite(self.time_shift):
             raise ValueError(f"time_shift (={self.time_shift}) must be a positive number.")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"solver (={self.solver!r}) must be one of {list(SOLVERS)}.")
+        names = SOLVERS if self.diffusion is None else SDE_SOLVERS
+        if self.solver not in names:
+            raise ValueError(f"solver (={self.solver!r}) must be one of {list(names)}"
+                             f"{' (the SDE solvers)' if self.diffusion is not None else ''}.")
+        if self.diffusion is not None and self.diffusion.lower() not in [f.lower() for f in DIFFUSION_FORMS]:
+            raise ValueError(f"diffusion (={self.diffusion!r}) must be one of {list(DIFFUSION_FORMS)} or None (the ODE).")
         if self.ts is not None and (len(self.ts) < 2 or self.ts[0] != 0.0 or self.ts[-1] != 1.0
                                     or any(b <= a for a, b in zip(self.ts, self.ts[1:]))):
             raise ValueError(f"ts (={self.ts}) must rise from 0 to 1.")

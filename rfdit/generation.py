@@ -32,20 +32,29 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 from tqdm.auto import tqdm
 
 from .checkpoint import load_model
 from .config import SamplerConfig
 from .data import load_dataset
-from .metrics.fid import compute_statistics, fid_inception, frechet_distance, load_statistics, save_statistics
+from .metrics.fid import (
+    compute_statistics,
+    fid_inception,
+    frechet_distance,
+    load_statistics,
+    save_statistics,
+)
 from .nn.dit import DiT
 from .nn.inception import InceptionV3, load_inception
 from .nn.vae import StableVAE
 from .sampling import SOLVERS, sample
+from .sde import SDE_SOLVERS, Diffusion
 
 DEFAULT_NUM_STEPS = 32
+BROWNIAN_STREAM = 0xB20  # fold_in stream of the SDE's Brownian keys, apart from the noise's
 INCEPTION_ID = "inception-2015-12-05"
 RANDOM_INCEPTION_WARNING = (
     "RANDOM Inception weights (smoke test): this FID is NOT comparable with published numbers or with FIDs "
@@ -154,9 +163,22 @@ class ControllerFlags:
     """largest step an adaptive solve may take"""
     max_steps: int | None = None
     """most steps an adaptive solve attempts before it stops with an error (default 4096)"""
+    diffusion: str | None = None
+    """sample the SDE with the flow's marginals with this diffusion form (sigma: SiT's and REPA's); default the ODE"""
+    diffusion_norm: float | None = None
+    """the diffusion's scale (default 1)"""
+    sample_eps: float | None = None
+    """the SDE's start time (SBDM is singular at 0: SiT uses 1e-3); default 0"""
+    last_step: str | None = None
+    """the SDE's last step to t = 1: mean, tweedie or euler (SiT's default: mean); default none"""
+    last_step_size: float | None = None
+    """the last step's size (default 0.04)"""
 
     def controller(self) -> dict[str, Any]:
-        return dict(pcoeff=self.pcoeff, icoeff=self.icoeff, dtmin=self.dtmin, dtmax=self.dtmax, max_steps=self.max_steps)
+        settings = dict(pcoeff=self.pcoeff, icoeff=self.icoeff, dtmin=self.dtmin, dtmax=self.dtmax,
+                        max_steps=self.max_steps, diffusion=self.diffusion, diffusion_norm=self.diffusion_norm,
+                        sample_eps=self.sample_eps, last_step=self.last_step, last_step_size=self.last_step_size)
+        return {name: value for name, value in settings.items() if value is not None}
 
 
 def generate_kwargs(settings: SamplerConfig) -> dict[str, Any]:
@@ -180,6 +202,7 @@ def resolve_sampler(
     dtmin: float | None = None,
     dtmax: float | None = None,
     max_steps: int | None = None,
+    **sde: Any,
 ) -> SamplerConfig:
     """Sampler settings from explicit values and the config's saved `sampler` (a training run's defaults).
 
@@ -188,8 +211,9 @@ def resolve_sampler(
     """
     saved = (config or {}).get("sampler") or {}
     solver = solver or saved.get("solver") or "euler"
-    if solver not in SOLVERS:
-        raise ValueError(f"Unknown solver {solver!r}; valid solvers: {list(SOLVERS)}.")
+    names = SOLVERS if sde.get("diffusion") is None else SDE_SOLVERS
+    if solver not in names:
+        raise ValueError(f"Unknown solver {solver!r}; valid solvers: {list(names)}.")
     adaptive = rtol is not None or atol is not None
     if adaptive and num_steps is not None:
         raise ValueError(
@@ -224,7 +248,7 @@ def resolve_sampler(
     return SamplerConfig(
         solver=solver, num_steps=num_steps, rtol=None if rtol is None else float(rtol),
         atol=None if atol is None else float(atol), cfg_scale=float(cfg_scale), time_shift=float(time_shift),
-        **controller,
+        **controller, **sde,
     )
 
 
@@ -299,6 +323,10 @@ def generate_batches(
     ts: tuple[float, ...] | None = None,
     stepsize_controller: dfx.AbstractStepSizeController | None = None,
     max_steps: int = 4096,
+    diffusion: Diffusion | None = None,
+    last_step: str | None = None,
+    last_step_size: float = 0.04,
+    t0: float = 0.0,
     batch_size: int,
     vae: StableVAE | None = None,
     progress: bool = True,
@@ -328,9 +356,13 @@ def generate_batches(
         y = jnp.asarray(batch_labels, jnp.int32)
         if sharded:
             noise, y = _shard_batch(noise), _shard_batch(y)
+        sde = {}
+        if diffusion is not None:  # sample i's Brownian path from its own key, whatever its batch
+            paths = jax.vmap(lambda i: jr.fold_in(jr.fold_in(key, BROWNIAN_STREAM), i))(jnp.asarray(indices, jnp.int32))
+            sde = dict(diffusion=diffusion, last_step=last_step, last_step_size=last_step_size, t0=t0, key=paths)
         x, stats = sample(model, noise, y, cfg_scale=scale, solver=solver, num_steps=num_steps, rtol=rtol,
                           atol=atol, time_shift=time_shift, ts=ts, stepsize_controller=stepsize_controller,
-                          max_steps=max_steps, guidance_interval=guidance_interval, cfg_channels=cfg_channels)
+                          max_steps=max_steps, guidance_interval=guidance_interval, cfg_channels=cfg_channels, **sde)
         if vae is not None:
             x = vae.decode(x)
         return start, _to_images(x), stats["nfe"]
@@ -370,6 +402,10 @@ def generate(
     ts: tuple[float, ...] | None = None,
     stepsize_controller: dfx.AbstractStepSizeController | None = None,
     max_steps: int = 4096,
+    diffusion: Diffusion | None = None,
+    last_step: str | None = None,
+    last_step_size: float = 0.04,
+    t0: float = 0.0,
     batch_size: int,
     vae: StableVAE | None = None,
     progress: bool = True,
@@ -382,6 +418,8 @@ def generate(
         key: sample i starts from `normal(fold_in(key, i))`.
         solver, num_steps, rtol, atol, time_shift, ts, stepsize_controller, max_steps: as `rfdit.sample`
             (fixed steps or adaptive ones); a solve that does not reach t = 1 raises `SolveFailed`.
+        diffusion, last_step, last_step_size, t0: the SDE (`rfdit.sample`); sample i's Brownian path comes
+            from `fold_in(fold_in(key, BROWNIAN_STREAM), i)`, so it does not depend on the batch.
         cfg_scale: guidance scale; 1 is plain conditional sampling, 0 unconditional.
         guidance_interval: guide only for t in [lo, hi] (t=0 noise, t=1 data).
         cfg_channels: guide only the first channels (DiT/SiT's 3 of 4; for reproducing their numbers).
@@ -399,8 +437,8 @@ def generate(
     for batch in generate_batches(
         model, labels=labels, key=key, solver=solver, num_steps=num_steps, rtol=rtol, atol=atol,
         cfg_scale=cfg_scale, guidance_interval=guidance_interval, cfg_channels=cfg_channels, time_shift=time_shift,
-        ts=ts, stepsize_controller=stepsize_controller, max_steps=max_steps, batch_size=batch_size, vae=vae,
-        progress=progress,
+        ts=ts, stepsize_controller=stepsize_controller, max_steps=max_steps, diffusion=diffusion,
+        last_step=last_step, last_step_size=last_step_size, t0=t0, batch_size=batch_size, vae=vae, progress=progress,
     ):
         images.append(np.asarray(batch.images, dtype=np.float32))
         nfes.append(batch.nfe)

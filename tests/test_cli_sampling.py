@@ -112,6 +112,21 @@ def test_sample_cli_stops_a_solve_that_runs_out_of_steps_and_takes_controller_se
     assert report["nfe_total"] >= 6 * 20 + 1  # dtmax 0.05: at least 20 steps of Dopri5's 6 new stages
 
 
+def test_sample_cli_sde_is_independent_of_the_batch(digits_run, tmp_path):
+    sample = load_script("sample")
+    args = ["--load_dir", str(digits_run / "checkpoints"), "--labels", "0", "1", "2", "3", "--solver", "euler",
+            "--num_steps", "7", "--diffusion", "sigma", "--last_step", "mean", "--last_step_size", "0.04"]
+    whole = sample.main(args + ["--batch_size", "4", "--out", str(tmp_path / "whole")])
+    halves = sample.main(args + ["--batch_size", "2", "--out", str(tmp_path / "halves")])
+    assert whole["nfe_per_batch"] == [8] and halves["nfe_per_batch"] == [8, 8]  # 7 Euler-Maruyama steps + the last
+    assert whole["sampler"]["diffusion"] == "sigma" and whole["sampler"]["last_step"] == "mean"
+    with np.load(tmp_path / "whole" / "samples.npz") as a, np.load(tmp_path / "halves" / "samples.npz") as b:
+        np.testing.assert_allclose(a["images"], b["images"], atol=1e-6)  # each sample's own noise and path
+    ode = sample.main(args[:-6] + ["--batch_size", "4", "--out", str(tmp_path / "ode")])
+    with np.load(tmp_path / "whole" / "samples.npz") as a, np.load(tmp_path / "ode" / "samples.npz") as b:
+        assert np.abs(a["images"] - b["images"]).max() > 0.1
+
+
 def test_sample_cli_dopri5_adaptive_reports_nfe(digits_run, tmp_path, capsys):
     report = load_script("sample").main(
         ["--load_dir", str(digits_run / "checkpoints"), "--num_samples", "6", "--solver", "dopri5", "--rtol", "1e-2",

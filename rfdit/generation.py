@@ -331,7 +331,16 @@ def generate_batches(
     vae: StableVAE | None = None,
     progress: bool = True,
 ) -> Iterator[GeneratedBatch]:
-    """Generate `len(labels)` images batch by batch; see `generate` for the arguments.
+    """Generate `len(labels)` images batch by batch; see `generate` for labels, key, batch_size, vae and progress.
+
+    The sampler's arguments:
+        solver, num_steps, rtol, atol, time_shift, ts, stepsize_controller, max_steps: as `rfdit.sample`
+            (fixed steps or adaptive ones); a solve that does not reach t = 1 raises `SolveFailed`.
+        diffusion, last_step, last_step_size, t0: the SDE (`rfdit.sample`); sample i's Brownian path comes
+            from `fold_in(fold_in(key, BROWNIAN_STREAM), i)`, so it does not depend on the batch.
+        cfg_scale: guidance scale; 1 is plain conditional sampling, 0 unconditional.
+        guidance_interval: guide only for t in [lo, hi] (t=0 noise, t=1 data).
+        cfg_channels: guide only the first channels (DiT/SiT's 3 of 4; for reproducing their numbers).
 
     Yields `GeneratedBatch`es in order, with the images still on the device(s); the last one holds only
     the real samples (its padding is dropped). The next batch is dispatched before one is handed out,
@@ -391,24 +400,10 @@ def generate(
     *,
     labels: Int[np.ndarray, " n"],
     key: PRNGKeyArray,
-    solver: str,
-    num_steps: int | None = None,
-    rtol: float | None = None,
-    atol: float | None = None,
-    cfg_scale: float | int,
-    guidance_interval: tuple[float, float] | None = None,
-    cfg_channels: int | None = None,
-    time_shift: float | int = 1.0,
-    ts: tuple[float, ...] | None = None,
-    stepsize_controller: dfx.AbstractStepSizeController | None = None,
-    max_steps: int = 4096,
-    diffusion: Diffusion | None = None,
-    last_step: str | None = None,
-    last_step_size: float = 0.04,
-    t0: float = 0.0,
     batch_size: int,
     vae: StableVAE | None = None,
     progress: bool = True,
+    **solve_options: Any,
 ) -> tuple[Float[np.ndarray, "n H W C"], dict[str, Any]]:
     """Images for `labels`, in batches: (N, H, W, C) float32 in [-1, 1] on the host, and stats.
 
@@ -416,13 +411,8 @@ def generate(
         model: a DiT (e.g. from `load_for_sampling`).
         labels: (N,) class indices in [0, num_classes).
         key: sample i starts from `normal(fold_in(key, i))`.
-        solver, num_steps, rtol, atol, time_shift, ts, stepsize_controller, max_steps: as `rfdit.sample`
-            (fixed steps or adaptive ones); a solve that does not reach t = 1 raises `SolveFailed`.
-        diffusion, last_step, last_step_size, t0: the SDE (`rfdit.sample`); sample i's Brownian path comes
-            from `fold_in(fold_in(key, BROWNIAN_STREAM), i)`, so it does not depend on the batch.
-        cfg_scale: guidance scale; 1 is plain conditional sampling, 0 unconditional.
-        guidance_interval: guide only for t in [lo, hi] (t=0 noise, t=1 data).
-        cfg_channels: guide only the first channels (DiT/SiT's 3 of 4; for reproducing their numbers).
+        solve_options: the sampler's arguments, as `generate_batches` takes them (`generate_kwargs` turns a
+            `SamplerConfig` into them).
         batch_size: samples per ODE solve; the last batch is padded so nothing recompiles.
         vae: decodes latents to images; needed for latent models.
         progress: show a tqdm bar.
@@ -434,12 +424,8 @@ def generate(
     """
     start = time.perf_counter()
     images, nfes, first = [], [], None
-    for batch in generate_batches(
-        model, labels=labels, key=key, solver=solver, num_steps=num_steps, rtol=rtol, atol=atol,
-        cfg_scale=cfg_scale, guidance_interval=guidance_interval, cfg_channels=cfg_channels, time_shift=time_shift,
-        ts=ts, stepsize_controller=stepsize_controller, max_steps=max_steps, diffusion=diffusion,
-        last_step=last_step, last_step_size=last_step_size, t0=t0, batch_size=batch_size, vae=vae, progress=progress,
-    ):
+    for batch in generate_batches(model, labels=labels, key=key, **solve_options, batch_size=batch_size, vae=vae,
+                                  progress=progress):
         images.append(np.asarray(batch.images, dtype=np.float32))
         nfes.append(batch.nfe)
         first = time.perf_counter() - start if first is None else first

@@ -209,6 +209,7 @@ def torch_fidelity_inception():
     require("torch", "the Inception parity tests compare against torch-fidelity (PyTorch)")
     spec = importlib.util.find_spec("torch_fidelity")
     if spec is None or not spec.submodule_search_locations:
+        # only where the README's test command was not run: the reason names the missing package and the command
         pytest.skip(f"torch-fidelity is not installed; the Inception parity tests compare against it. Install it with: {INSTALL_TEST_DEPS}")
     # The package __init__ imports torchvision; a bare package with the same __path__ lets the
     # submodules (which need only torch) import.

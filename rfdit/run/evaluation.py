@@ -24,7 +24,7 @@ from jaxtyping import PRNGKeyArray
 from .. import plots
 from ..data import EVAL_SIZE, Dataset
 from ..flow import interpolate
-from ..generation import fid_during_training, generate
+from ..generation import fid_during_training, generate, generate_kwargs
 from ..metrics.digits import DigitsEvaluator
 from ..nn.vae import StableVAE
 from ..sampling import model_velocity, sample
@@ -179,8 +179,8 @@ class Evaluation:
         """`num` samples spread evenly over the classes, with the run's default sampler."""
         labels = _class_labels(num, self.run.model.num_classes)
         s = self.run.sampler
-        images, stats = generate(model, labels=labels, key=key, solver=s.solver, num_steps=s.num_steps,
-                                 cfg_scale=s.cfg_scale, batch_size=len(self.labels), vae=self.vae, progress=False)
+        images, stats = generate(model, labels=labels, key=key, **generate_kwargs(s), batch_size=len(self.labels),
+                                 vae=self.vae, progress=False)
         return images, labels, {"nfe": stats["nfe_per_batch"][0], "solver": s.solver, "num_steps": s.num_steps,
                                 "cfg_scale": s.cfg_scale}
 

@@ -51,10 +51,9 @@ from .nn.dit import DiT
 from .nn.inception import InceptionV3, load_inception
 from .nn.vae import StableVAE
 from .sampling import SOLVERS, sample
-from .sde import SDE_SOLVERS, Diffusion
+from .sde import BROWNIAN_STREAM, SDE_SOLVERS, Diffusion
 
 DEFAULT_NUM_STEPS = 32
-BROWNIAN_STREAM = 0xB20  # fold_in stream of the SDE's Brownian keys, apart from the noise's
 INCEPTION_ID = "inception-2015-12-05"
 RANDOM_INCEPTION_WARNING = (
     "RANDOM Inception weights (smoke test): this FID is NOT comparable with published numbers or with FIDs "

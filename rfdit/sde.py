@@ -37,6 +37,8 @@ DIFFUSION_FORMS = ("constant", "SBDM", "sigma", "linear", "decreasing", "increas
 """SiT's `--diffusion-form` choices, by the same names (any case)."""
 
 LAST_STEPS = ("mean", "tweedie", "euler")
+BROWNIAN_STREAM = 0xB20
+"""fold_in stream of the SDE's Brownian keys (generation, studies), apart from the noise's"""
 """SiT's `--last-step` choices, lower-case; None is no last step."""
 
 SDE_SOLVERS: dict[str, type[dfx.AbstractSolver]] = {

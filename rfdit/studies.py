@@ -1,4 +1,4 @@
-"""Sampling studies: what each ODE solver's accuracy and sample quality cost, on a trained model.
+"""Sampling studies: what each ODE and SDE solver's accuracy and sample quality cost, on a trained model.
 
 `run_study(StudyConfig(load_dir=..., out=...))` (behind `experiments/sampling_study.py`)
 samples the same noise and labels with every setting of a grid: fixed-step solvers at
@@ -13,6 +13,13 @@ tolerances, optionally several cfg scales and a guidance interval. For each it r
   reference's floor, measured against a 10× tighter solve on a subset);
 - quality: the digits evaluator's `class_acc`, `fd_feat`, `precision`, `recall` for digits
   models, and `fid` when reference statistics are given (`fid_stats`).
+
+SDE rows (`diffusions`: SiT's diffusion forms, `rfdit.sde`) sample the flow's SDE with fixed
+steps; their `rms_error` is against a fine solve (`sde_reference_solver` with
+`sde_reference_steps`) of the same SDE on the same Brownian path from the same noise, so it
+measures the solver's strong error, and their quality columns sit beside the ODE's.
+
+Every row is one `rfdit.SamplerConfig`, so whatever a row shows can be sampled with its settings.
 
 It also reproduces the Flax original's table shape (quality against 500/100/20/5/1 Euler
 steps) and compares batch adaptive stepping (the batch is one ODE state with one step
@@ -40,11 +47,13 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
+from . import sde
 from .checkpoint import load_model
+from .config import SamplerConfig
 from .metrics.digits import DigitsEvaluator
 from .metrics.fid import compute_statistics, fid_inception, frechet_distance, load_statistics
 from .plots import _pyplot
-from .sampling import SOLVERS, SolverName, evaluations_per_step, guided_field, solve, time_grid
+from .sampling import SOLVERS, SolverName, evaluations_per_step, sample
 
 
 COLUMNS = (
@@ -52,7 +61,7 @@ COLUMNS = (
     "class_acc", "fd_feat", "precision", "recall", "fid",
     "section", "cfg_scale", "time_shift", "guidance_interval", "stepping", "nfe_max", "rejected_steps",
     "compile_seconds",
-    "num_failed",
+    "num_failed", "diffusion", "diffusion_norm", "last_step",
 )
 QUALITY = ("class_acc", "fd_feat", "precision", "recall", "fid")
 
@@ -91,6 +100,32 @@ class StudyConfig:
     """skip fixed-step settings that would cost more evaluations per sample than this"""
     max_steps: int = 4096
     """adaptive step budget per solve"""
+    pcoeff: float = 0.0
+    """the adaptive rows' PID controller: proportional coefficient (0 with icoeff 1: an I controller)"""
+    icoeff: float = 1.0
+    """the adaptive rows' PID controller: integral coefficient"""
+    dtmin: float | None = None
+    """the adaptive rows' smallest step (a solve that needs less fails)"""
+    dtmax: float | None = None
+    """the adaptive rows' largest step"""
+    diffusions: tuple[str, ...] = ()
+    """SDE rows: diffusion forms of rfdit.Diffusion (e.g. sigma increasing-decreasing); none: the ODE only"""
+    sde_solvers: tuple[str, ...] = ("euler",)
+    """the SDE rows' solvers (euler: Euler-Maruyama; heun, sea, shark, sra1)"""
+    sde_steps: tuple[int, ...] = (32, 64, 128, 250)
+    """the SDE rows' step counts (fixed steps)"""
+    diffusion_norm: float = 1.0
+    """the SDE's diffusion norm"""
+    sample_eps: float = 0.0
+    """the SDE's start time (SBDM needs > 0; SiT: 1e-3)"""
+    last_step: str | None = "mean"
+    """the SDE's last step (mean, tweedie, euler, or None)"""
+    last_step_size: float = 0.04
+    """the SDE's last step size"""
+    sde_reference_solver: str = "shark"
+    """the SDE rows' reference: this solver with sde_reference_steps on the same Brownian path"""
+    sde_reference_steps: int = 1000
+    """the SDE reference's fixed steps"""
     table_steps: tuple[int, ...] = (500, 100, 20, 5, 1)
     """Euler step counts of the original's table (quality against denoising steps)"""
     stepping_solvers: tuple[SolverName, ...] = ("dopri5",)
@@ -109,14 +144,52 @@ class StudyConfig:
     """the noise's seed"""
     plots: bool = True
 
+    def fixed(self, solver: str, num_steps: int, cfg_scale: float, *, time_shift: float = 1.0,
+              guidance_interval: tuple[float, float] | None = None) -> SamplerConfig:
+        """A fixed-step ODE row's settings."""
+        return SamplerConfig(solver=solver, num_steps=num_steps, time_shift=time_shift, cfg_scale=cfg_scale,
+                             guidance_interval=guidance_interval if cfg_scale != 1.0 else None)
+
+    def adaptive(self, solver: str, tol: float, cfg_scale: float, *, per_sample: bool = False,
+                 guidance_interval: tuple[float, float] | None = None) -> SamplerConfig:
+        """An adaptive ODE row's settings: rtol = tol, atol = tol or --atol, the study's controller."""
+        return SamplerConfig(solver=solver, num_steps=None, rtol=tol, atol=tol if self.atol is None else self.atol,
+                             pcoeff=self.pcoeff, icoeff=self.icoeff, dtmin=self.dtmin, dtmax=self.dtmax,
+                             max_steps=self.max_steps, cfg_scale=cfg_scale, per_sample=per_sample,
+                             guidance_interval=guidance_interval if cfg_scale != 1.0 else None)
+
+    def sde_setting(self, solver: str, num_steps: int, cfg_scale: float, diffusion: str | None = None) -> SamplerConfig:
+        """An SDE row's settings (fixed steps)."""
+        return SamplerConfig(solver=solver, num_steps=num_steps, cfg_scale=cfg_scale,
+                             diffusion=diffusion or (self.diffusions or ("sigma",))[0],
+                             diffusion_norm=self.diffusion_norm, sample_eps=self.sample_eps, last_step=self.last_step,
+                             last_step_size=self.last_step_size)
+
+    def reference(self, setting: SamplerConfig) -> SamplerConfig:
+        """The solve a row's error is measured against: for the ODE the reference solver at reference_tol,
+        every sample stepping on its own; for the SDE the same SDE with sde_reference_solver's fixed steps."""
+        if setting.diffusion is not None:
+            return dataclasses.replace(setting, solver=self.sde_reference_solver, num_steps=self.sde_reference_steps)
+        return SamplerConfig(solver=self.reference_solver, num_steps=None, rtol=self.reference_tol,
+                             atol=self.reference_tol, cfg_scale=setting.cfg_scale,
+                             guidance_interval=setting.guidance_interval, per_sample=True,
+                             max_steps=16 * self.max_steps)
+
     def __post_init__(self):
         unknown = [s for s in (*self.solvers, *self.stepping_solvers, self.reference_solver) if s not in SOLVERS]
         if unknown:
             raise ValueError(f"unknown solvers {unknown}; valid solvers: {list(SOLVERS)}.")
         if "euler" in self.stepping_solvers or self.reference_solver == "euler":
             raise ValueError("euler has no error estimate: it can be neither a stepping solver nor the reference.")
-        if any(n < 1 for n in (*self.steps, *self.table_steps)):
-            raise ValueError(f"step counts must be >= 1; got steps={self.steps}, table_steps={self.table_steps}.")
+        if any(n < 1 for n in (*self.steps, *self.table_steps, *self.sde_steps, self.sde_reference_steps)):
+            raise ValueError(f"step counts must be >= 1; got steps={self.steps}, table_steps={self.table_steps}, "
+                             f"sde_steps={self.sde_steps}, sde_reference_steps={self.sde_reference_steps}.")
+        for solver in (*self.sde_solvers, self.sde_reference_solver):  # SamplerConfig checks the names and forms
+            for form in self.diffusions:
+                self.sde_setting(solver, 1, 1.0, form)
+        if self.diffusions and self.sde_reference_steps < max(self.sde_steps):
+            raise ValueError(f"sde_reference_steps (={self.sde_reference_steps}) must be at least the finest SDE "
+                             f"row's steps ({max(self.sde_steps)}).")
         if any(not tol > 0 for tol in (*self.tolerances, self.reference_tol)) or (self.atol is not None
                                                                                 and not self.atol > 0):
             raise ValueError(f"tolerances must be positive; got {self.tolerances}, atol={self.atol}.")
@@ -130,72 +203,26 @@ class StudyConfig:
                 raise ValueError(f"guidance_interval (={self.guidance_interval}) must be (lo, hi) with 0 <= lo <= hi <= 1.")
 
 
-@dataclasses.dataclass(frozen=True)
-class Setting:
-    """One way to sample: a solver with steps or tolerances, a guidance and a stepping mode."""
-
-    solver: str
-    num_steps: int | None = None
-    rtol: float | None = None
-    atol: float | None = None
-    time_shift: float = 1.0
-    cfg_scale: float = 1.0
-    guidance_interval: tuple[float, float] | None = None
-    per_sample: bool = False
-    max_steps: int = 4096
-
-    @property
-    def adaptive(self) -> bool:
-        return self.num_steps is None
-
-    def expected_nfe(self) -> int | None:
-        if self.adaptive:
-            return None
-        per_step, at_start = evaluations_per_step(self.solver)
-        return per_step * self.num_steps + at_start
-
-    def solve_kwargs(self) -> dict[str, Any]:
-        # a failed solve is recorded in the table (num_failed) and left out of its averages, not raised
-        if self.adaptive:
-            jumps = self.guidance_interval if self.cfg_scale != 1.0 else None
-            return dict(solver=self.solver, rtol=self.rtol, atol=self.atol, max_steps=self.max_steps, jump_ts=jumps,
-                        on_failure="return")
-        if self.time_shift != 1.0:
-            return dict(solver=self.solver, ts=tuple(float(t) for t in time_grid(self.num_steps, self.time_shift)),
-                        on_failure="return")
-        return dict(solver=self.solver, num_steps=self.num_steps, on_failure="return")
-
-    def field_key(self) -> tuple[float, tuple[float, float] | None]:
-        return self.cfg_scale, self.guidance_interval
-
-
-def _solve_batch(params, noise, labels, scale, *, static, setting: Setting):
-    model = eqx.combine(params, static)
-    kwargs = setting.solve_kwargs()
-    guided = setting.cfg_scale != 1.0
-
-    def solve_state(x, y):
-        field = guided_field(model, y, scale if guided else None, guidance_interval=setting.guidance_interval)
-        return solve(field, x, **kwargs)
-
-    names = ("nfe", "num_rejected_steps", "result")
-    if setting.per_sample:
-        x1, stats = jax.vmap(lambda x, y: solve_state(x[None], y[None]))(noise, labels)
-        return x1[:, 0], *[stats[k] for k in names]
-    x1, stats = solve_state(noise, labels)
-    return x1, *[jnp.broadcast_to(stats[k], labels.shape) for k in names]
+def _solve_batch(params, noise, labels, scale, keys, *, static, setting: SamplerConfig):
+    kwargs = setting.sample_kwargs()
+    kwargs["cfg_scale"] = scale if setting.cfg_scale != 1.0 else 1.0  # an array: one compile for any scale
+    if setting.diffusion is not None:
+        kwargs["key"] = keys  # one key per sample: its Brownian path whatever batch it is drawn in
+    # a failed solve is recorded in the table (num_failed) and left out of its averages, not raised
+    images, stats = sample(eqx.combine(params, static), noise, labels, on_failure="return", **kwargs)
+    return images, *[jnp.broadcast_to(stats[k], labels.shape) for k in ("nfe", "num_rejected_steps", "result")]
 
 
 class _Sampler:
     """Compiled solves of one model over fixed noise and labels; timings exclude compilation."""
 
-    def __init__(self, model, noise: np.ndarray, labels: np.ndarray, batch_size: int):
+    def __init__(self, model, noise: np.ndarray, labels: np.ndarray, keys, batch_size: int):
         self.params, self.static = eqx.partition(model, eqx.is_array)
-        self.noise, self.labels = noise, labels
+        self.noise, self.labels, self.keys = noise, labels, keys
         self.batch_size = batch_size
         self._compiled: dict[tuple, Any] = {}
 
-    def run(self, setting: Setting, *, count: int | None = None, x64: bool = False) -> dict[str, Any]:
+    def run(self, setting: SamplerConfig, *, count: int | None = None, x64: bool = False) -> dict[str, Any]:
         """Images (count, H, W, C), per-sample NFE and result codes, wall and compile seconds."""
         count = len(self.labels) if count is None else count
         batch = min(self.batch_size, count)
@@ -206,10 +233,10 @@ class _Sampler:
             key = (setting, x64, batch)
             compile_seconds = 0.0
             if key not in self._compiled:
-                fn = jax.jit(lambda p, x, y, s: _solve_batch(p, x, y, s, static=self.static, setting=setting))
+                fn = jax.jit(lambda p, x, y, s, k: _solve_batch(p, x, y, s, k, static=self.static, setting=setting))
                 start = time.perf_counter()
                 example = (self.params, jnp.zeros((batch, *self.noise.shape[1:]), dtype),
-                           jnp.zeros((batch,), jnp.int32), scale)
+                           jnp.zeros((batch,), jnp.int32), scale, self.keys[:batch])
                 self._compiled[key] = fn.lower(*example).compile()
                 compile_seconds = time.perf_counter() - start
             compiled = self._compiled[key]
@@ -219,7 +246,7 @@ class _Sampler:
                 take = np.resize(np.arange(start_index, start_index + size), batch)  # pad the last batch
                 noise, labels = jnp.asarray(self.noise[take], dtype), jnp.asarray(self.labels[take])
                 start = time.perf_counter()
-                x, n, rej, r = jax.block_until_ready(compiled(self.params, noise, labels, scale))
+                x, n, rej, r = jax.block_until_ready(compiled(self.params, noise, labels, scale, self.keys[take]))
                 seconds += time.perf_counter() - start
                 images.append(np.asarray(x)[:size])
                 nfe.append(np.asarray(n)[:size])
@@ -304,44 +331,48 @@ def run_study(cfg: StudyConfig, *, command: str | None = None, progress: bool = 
     labels = (np.arange(cfg.num_samples) % mcfg.num_classes).astype(np.int32)
     shape = (mcfg.image_size, mcfg.image_size, mcfg.in_channels)
     noise = np.asarray(jr.normal(jr.key(cfg.seed), (cfg.num_samples, *shape), jnp.float32))
-    sampler = _Sampler(model, noise, labels, cfg.batch_size)
+    # the SDE's Brownian keys: sample i's own, from a stream apart from the noise's
+    keys = sde.per_sample_keys(jr.fold_in(jr.key(cfg.seed), sde.BROWNIAN_STREAM), cfg.num_samples)
+    sampler = _Sampler(model, noise, labels, keys, cfg.batch_size)
     quality = _Quality(_is_digits(config), cfg.fid_stats, cfg.inception_weights)
     log = print if progress else (lambda *a, **k: None)
 
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
-    done: dict[Setting, dict[str, Any]] = {}
-    references: dict[tuple, dict[str, Any]] = {}
+    done: dict[SamplerConfig, dict[str, Any]] = {}
+    references: dict[SamplerConfig, dict[str, Any]] = {}
 
-    def reference(field_key) -> dict[str, Any]:
-        if field_key in references:
-            return references[field_key]
-        scale, interval = field_key
-        setting = Setting(cfg.reference_solver, rtol=cfg.reference_tol, atol=cfg.reference_tol, cfg_scale=scale,
-                          guidance_interval=interval, per_sample=True, max_steps=16 * cfg.max_steps)
-        res = sampler.run(setting, x64=True)
+    def reference(setting: SamplerConfig) -> dict[str, Any]:
+        ref_setting = cfg.reference(setting)
+        if ref_setting in references:
+            return references[ref_setting]
+        res = sampler.run(ref_setting, x64=True)
         check = None
         if cfg.reference_check_samples:
-            tight = dataclasses.replace(setting, rtol=cfg.reference_tol / 10, atol=cfg.reference_tol / 10)
             count = min(cfg.reference_check_samples, cfg.num_samples)
+            if ref_setting.diffusion is None:
+                tight = dataclasses.replace(ref_setting, rtol=cfg.reference_tol / 10, atol=cfg.reference_tol / 10)
+            else:
+                tight = dataclasses.replace(ref_setting, num_steps=2 * ref_setting.num_steps)
             check = _rms(sampler.run(tight, count=count, x64=True)["images"], res["images"][:count])
-        row = _row(setting, res, None, quality(res["images"], labels), "reference")
+        row = _row(ref_setting, res, None, quality(res["images"], labels), "reference")
         row["rms_error_vs_tighter"] = check
         row["float64_state"] = True
         rows.append(row)
-        references[field_key] = {"images": res["images"], "row": row}
-        log(f"reference cfg={scale:g} interval={interval}: nfe {row['nfe']:.0f}, check rms {check}")
-        return references[field_key]
+        references[ref_setting] = {"images": res["images"], "row": row}
+        log(f"reference {ref_setting.solver} cfg={ref_setting.cfg_scale:g} interval={ref_setting.guidance_interval} "
+            f"diffusion={ref_setting.diffusion}: nfe {row['nfe']:.0f}, check rms {check}")
+        return references[ref_setting]
 
-    def measure(setting: Setting, section: str) -> dict[str, Any] | None:
+    def measure(setting: SamplerConfig, section: str) -> dict[str, Any] | None:
         if setting in done:
             return done[setting]
-        nfe = setting.expected_nfe()
+        nfe = _expected_nfe(setting)
         if cfg.max_nfe is not None and nfe is not None and nfe > cfg.max_nfe:
             skipped.append({"solver": setting.solver, "num_steps": setting.num_steps, "nfe": nfe,
                             "section": section, "why": f"nfe {nfe} > max_nfe {cfg.max_nfe}"})
             return None
-        ref = reference(setting.field_key())
+        ref = reference(setting)
         res = sampler.run(setting)
         ok = res["result"] == 0  # failed solves are counted in the row, not averaged into it
         figures = quality(res["images"][ok], labels[ok]) if ok.any() else {}
@@ -350,7 +381,8 @@ def run_study(cfg: StudyConfig, *, command: str | None = None, progress: bool = 
         done[setting] = row
         write_csv(rows, out / "study.csv")  # as it goes: a long study stopped midway keeps its rows
         log(" ".join(f"{k}={_fmt(row[k])}" for k in ("section", "solver", "num_steps", "rtol", "time_shift",
-                                                       "cfg_scale", "guidance_interval", "stepping", "nfe",
+                                                       "cfg_scale", "guidance_interval", "diffusion", "stepping",
+                                                       "nfe",
                                                        "rms_error", "fd_feat", "class_acc") if row.get(k) is not None))
         return row
 
@@ -361,17 +393,19 @@ def run_study(cfg: StudyConfig, *, command: str | None = None, progress: bool = 
             for solver in cfg.solvers:
                 for shift in cfg.time_shifts:
                     for n in cfg.steps:
-                        measure(Setting(solver, num_steps=n, time_shift=shift, cfg_scale=scale,
-                                        guidance_interval=interval), "grid")
+                        measure(cfg.fixed(solver, n, scale, time_shift=shift, guidance_interval=interval), "grid")
                 if solver == "euler":
                     continue
                 for tol in cfg.tolerances:
-                    measure(Setting(solver, rtol=tol, atol=tol if cfg.atol is None else cfg.atol, cfg_scale=scale,
-                                    guidance_interval=interval, max_steps=cfg.max_steps), "grid")
+                    measure(cfg.adaptive(solver, tol, scale, guidance_interval=interval), "grid")
+        for form in cfg.diffusions:
+            for solver in cfg.sde_solvers:
+                for n in cfg.sde_steps:
+                    measure(cfg.sde_setting(solver, n, scale, form), "sde")
 
     table = []
     for n in cfg.table_steps:
-        row = measure(Setting("euler", num_steps=n, cfg_scale=base_cfg), "steps_table")
+        row = measure(cfg.fixed("euler", n, base_cfg), "steps_table")
         if row is not None:
             table.append({k: row[k] for k in ("num_steps", "nfe", "rms_error", *QUALITY) if k in row})
 
@@ -379,10 +413,8 @@ def run_study(cfg: StudyConfig, *, command: str | None = None, progress: bool = 
     for solver in cfg.stepping_solvers:
         for tol in cfg.tolerances:
             atol = tol if cfg.atol is None else cfg.atol
-            batch = measure(Setting(solver, rtol=tol, atol=atol, cfg_scale=base_cfg, max_steps=cfg.max_steps),
-                            "stepping")
-            each = measure(Setting(solver, rtol=tol, atol=atol, cfg_scale=base_cfg, per_sample=True,
-                                   max_steps=cfg.max_steps), "stepping")
+            batch = measure(cfg.adaptive(solver, tol, base_cfg), "stepping")
+            each = measure(cfg.adaptive(solver, tol, base_cfg, per_sample=True), "stepping")
             stepping.append({"solver": solver, "rtol": tol, "atol": atol, "batch": _brief(batch),
                              "per_sample": _brief(each)})
 
@@ -407,6 +439,8 @@ def run_study(cfg: StudyConfig, *, command: str | None = None, progress: bool = 
             "solver": cfg.reference_solver, "rtol": cfg.reference_tol, "atol": cfg.reference_tol,
             "stepping": "per_sample", "state_dtype": "float64", "network_dtype": "float32",
             "rows": [r for r in rows if r["section"] == "reference"],
+            "sde": {"solver": cfg.sde_reference_solver, "num_steps": cfg.sde_reference_steps,
+                    "brownian_path": "the row's own (same keys, same tree)"} if cfg.diffusions else None,
         },
         "evaluator_references": quality.evaluator.references if quality.evaluator is not None else None,
         "rows": rows,
@@ -421,11 +455,20 @@ def run_study(cfg: StudyConfig, *, command: str | None = None, progress: bool = 
     return result
 
 
-def _row(setting: Setting, res: dict[str, Any], ref_images, figures: dict[str, float], section: str) -> dict[str, Any]:
+def _expected_nfe(setting: SamplerConfig) -> int | None:
+    """Evaluations per sample of a fixed-step ODE row, known before it runs; None otherwise."""
+    if setting.num_steps is None or setting.diffusion is not None:
+        return None
+    per_step, at_start = evaluations_per_step(setting.solver)
+    return per_step * setting.num_steps + at_start
+
+
+def _row(setting: SamplerConfig, res: dict[str, Any], ref_images, figures: dict[str, float], section: str) -> dict[str, Any]:
     num = len(res["nfe"])
     ok = res["result"] == 0
     failed = int(np.sum(~ok))
     averaged = ok if ok.any() else np.ones_like(ok)  # all failed: the averages say what the partial solves cost
+    adaptive = setting.num_steps is None
     row = {
         "solver": setting.solver,
         "num_steps": setting.num_steps,
@@ -437,14 +480,20 @@ def _row(setting: Setting, res: dict[str, Any], ref_images, figures: dict[str, f
         **{k: figures.get(k) for k in QUALITY},
         "section": section,
         "cfg_scale": setting.cfg_scale,
-        "time_shift": setting.time_shift if not setting.adaptive else None,
+        "time_shift": setting.time_shift if adaptive is False else None,
         "guidance_interval": setting.guidance_interval,
-        "stepping": ("per_sample" if setting.per_sample else "batch") if setting.adaptive else None,
+        "stepping": ("per_sample" if setting.per_sample else "batch") if adaptive else None,
         "nfe_max": int(np.max(res["nfe"])),
         "rejected_steps": float(np.mean(res["rejected"])),
         "compile_seconds": res["compile_seconds"],
         "num_failed": failed,
+        "diffusion": setting.diffusion,
+        "diffusion_norm": setting.diffusion_norm if setting.diffusion is not None else None,
+        "last_step": setting.last_step if setting.diffusion is not None else None,
     }
+    if setting.diffusion is not None:
+        row["last_step_size"] = setting.last_step_size if setting.last_step is not None else None
+        row["sample_eps"] = setting.sample_eps
     return row
 
 
@@ -603,12 +652,25 @@ def markdown_tables(result: dict[str, Any]) -> str:
     rows = result["rows"]
     has_fid = any(r.get("fid") is not None for r in rows)
     q = ["class_acc", "fd_feat", "precision", "recall"] + (["fid"] if has_fid else [])
-    head = ["section", "solver", "steps", "shift", "rtol", "cfg", "interval", "stepping", "NFE", "max NFE",
-            "ms/sample", "RMS error", *q]
+    head = ["section", "solver", "steps", "shift", "rtol", "cfg", "interval", "stepping", "SDE", "NFE", "max NFE",
+            "ms/sample", "RMS error", "failed", *q]
     body = [[r["section"], r["solver"], r["num_steps"], r["time_shift"], r["rtol"], r["cfg_scale"],
-             r["guidance_interval"], r["stepping"], r["nfe"], r["nfe_max"], 1e3 * r["seconds_per_sample"],
-             r["rms_error"], *[r.get(k) for k in q]] for r in rows]
+             r["guidance_interval"], r["stepping"], r.get("diffusion"), r["nfe"], r["nfe_max"],
+             1e3 * r["seconds_per_sample"], r["rms_error"], r["num_failed"], *[r.get(k) for k in q]] for r in rows]
     parts = ["## All settings\n", _md_table(head, body)]
+    sde_rows = [r for r in rows if r["section"] == "sde"]
+    if sde_rows:
+        pairs = {(r["solver"], r["num_steps"], r["cfg_scale"]) for r in sde_rows}
+        ode_rows = [r for r in rows if r["section"] == "grid" and r["guidance_interval"] is None
+                    and (r["solver"], r["num_steps"], r["cfg_scale"]) in pairs]
+        body = [[r.get("diffusion") or "ODE", r["solver"], r["num_steps"], r["cfg_scale"], r["nfe"],
+                 1e3 * r["seconds_per_sample"], r["rms_error"], r["num_failed"], *[r.get(k) for k in q]]
+                for r in sorted(ode_rows + sde_rows, key=lambda r: (r["num_steps"], r.get("diffusion") or ""))]
+        reference = result["reference"].get("sde") or {}
+        parts += ["\n\n## SDE against the ODE\n\n"
+                  f"An SDE row's RMS error is against {reference.get('solver')} with {reference.get('num_steps')} "
+                  "steps on the same Brownian path (its strong error); an ODE row's against the ODE reference.\n\n",
+                  _md_table(["SDE", "solver", "steps", "cfg", "NFE", "ms/sample", "RMS error", "failed", *q], body)]
     if result["steps_table"]:
         parts += ["\n\n## Quality against Euler steps (the original's table shape)\n",
                   _md_table(["Euler steps", "RMS error", *q],

@@ -106,6 +106,8 @@ def test_sampling_study_smoke_run_writes_table_json_and_plots(tmp_path):
         "--load_dir", str(tmp_path / "run"), "--out", str(out), "--solvers", "euler", "heun", "--steps", "2",
         "--tolerances", "1e-2", "--num_samples", "12", "--table_steps", "2", "--stepping_solvers", "heun",
         "--reference_solver", "heun", "--reference_tol", "1e-4", "--reference_check_samples", "0",
+        "--pcoeff", "0.3", "--icoeff", "0.4", "--dtmax", "0.1",
+        "--diffusions", "sigma", "--sde_steps", "2", "8", "--sde_reference_steps", "64", "--batch_size", "8",
     ])
     with (out / "study.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -118,7 +120,8 @@ def test_sampling_study_smoke_run_writes_table_json_and_plots(tmp_path):
     per_sample = by[("stepping", "heun", "", "0.01", "per_sample")]
     assert ("reference", "heun", "", "0.0001", "per_sample") in by
     assert float(euler["nfe"]) == 2 and float(heun_fixed["nfe"]) == 4
-    assert float(heun_adaptive["nfe"]) >= 4 and float(per_sample["nfe_max"]) >= float(per_sample["nfe"])
+    # dtmax 0.1: at least 10 steps of Heun's 2 evaluations, in the grid and in the stepping rows
+    assert float(heun_adaptive["nfe"]) >= 20 and float(per_sample["nfe_max"]) >= float(per_sample["nfe"]) >= 20
     # second order beats first order at the same step count, against the same reference
     assert 0 < float(heun_fixed["rms_error"]) < float(euler["rms_error"])
     for row in (euler, heun_fixed, heun_adaptive, per_sample):
@@ -133,6 +136,14 @@ def test_sampling_study_smoke_run_writes_table_json_and_plots(tmp_path):
     for name in ("error_vs_nfe.png", "quality_vs_nfe.png", "study.md"):
         assert (out / name).stat().st_size > 0
     assert "Quality against Euler steps" in (out / "study.md").read_text()
+    # SDE rows: Euler-Maruyama with the mean last step (one more evaluation), errors against a 64-step ShARK
+    # solve on each sample's own Brownian path (batch_size 8 < 12 samples: keys follow the sample, not the batch)
+    sde = {int(r["num_steps"]): r for r in rows if r["section"] == "sde"}
+    assert {n: float(r["nfe"]) for n, r in sde.items()} == {2: 3.0, 8: 9.0}
+    assert all(r["diffusion"] == "sigma" and r["last_step"] == "mean" for r in sde.values())
+    assert 0 < float(sde[8]["rms_error"]) < float(sde[2]["rms_error"])  # strong error falls with the step
+    assert ("reference", "shark", "64", "", "") in by and study["reference"]["sde"]["num_steps"] == 64
+    assert "SDE against the ODE" in (out / "study.md").read_text()
 
 
 def test_study_config_refuses_bad_settings():
@@ -145,10 +156,11 @@ def test_study_config_refuses_bad_settings():
 
 
 def test_study_rows_count_failed_solves_and_leave_them_out_of_the_averages():
-    from rfdit.studies import Setting, _row
+    from rfdit.config import SamplerConfig
+    from rfdit.studies import _row
 
     res = {"images": np.array([[0.0], [1.0], [100.0]]), "nfe": np.array([10, 12, 4096]),
            "rejected": np.array([0, 1, 2000]), "result": np.array([0, 0, 1]), "seconds": 3.0, "compile_seconds": 1.0}
     ref = np.array([[0.0], [1.0], [0.0]])
-    row = _row(Setting("dopri5", rtol=1e-3, atol=1e-3), res, ref, {}, "grid")
+    row = _row(SamplerConfig(solver="dopri5", num_steps=None, rtol=1e-3, atol=1e-3), res, ref, {}, "grid")
     assert row["num_failed"] == 1 and row["nfe"] == 11.0 and row["rms_error"] == 0.0

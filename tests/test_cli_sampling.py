@@ -122,7 +122,7 @@ def test_sample_cli_sde_is_independent_of_the_batch(digits_run, tmp_path):
     assert whole["sampler"]["diffusion"] == "sigma" and whole["sampler"]["last_step"] == "mean"
     with np.load(tmp_path / "whole" / "samples.npz") as a, np.load(tmp_path / "halves" / "samples.npz") as b:
         np.testing.assert_allclose(a["images"], b["images"], atol=1e-6)  # each sample's own noise and path
-    ode = sample.main(args[:-6] + ["--batch_size", "4", "--out", str(tmp_path / "ode")])
+    sample.main(args[:-6] + ["--batch_size", "4", "--out", str(tmp_path / "ode")])
     with np.load(tmp_path / "whole" / "samples.npz") as a, np.load(tmp_path / "ode" / "samples.npz") as b:
         assert np.abs(a["images"] - b["images"]).max() > 0.1
 

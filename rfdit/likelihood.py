@@ -189,6 +189,10 @@ def log_likelihood(
     return logp, stats
 
 
+IMAGE_LEVELS = 256
+"""levels of an 8-bit image channel"""
+
+
 def quantisation_step(levels: int, data_range: tuple[float, float] = (-1.0, 1.0)) -> float:
     """One level's width in data units: (hi - lo) / (levels - 1); 2/255 for 8-bit images in [-1, 1]."""
     if levels < 2:

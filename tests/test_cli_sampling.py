@@ -311,6 +311,25 @@ def test_eval_fid_cli_without_fid_stats_uses_the_run_data_set(digits_run, random
         np.testing.assert_array_equal(computed["mu"], recorder.calls[0][2])
 
 
+def test_generation_and_fid_stop_a_solve_that_runs_out_of_steps(digits_run, digits_model, random_reference,
+                                                                tmp_path):
+    exhausted = rfdit.SamplerConfig(solver="dopri5", num_steps=None, rtol=1e-13, atol=1e-13, max_steps=3)
+    message = r"dopri5 solve \(rtol=1e-13, atol=1e-13, max_steps=3\) stopped before t=1"
+    with pytest.raises(SolveFailed, match=message):  # what sample.py, the run's evaluation and FID call
+        generation.generate(digits_model, labels=np.arange(4), key=jr.key(0), batch_size=4,
+                            **generation.generate_kwargs(exhausted))
+    features, _ = generation.inception_features(random_seed=0)
+    with pytest.raises(SolveFailed, match=message):  # FID at the run's eval intervals
+        generation.fid_during_training(digits_model, random_reference[0], sampler=exhausted, num_samples=4,
+                                       batch_size=4, key=jr.key(0), feature_fn=features)
+    with pytest.raises(SolveFailed, match=message):
+        load_script("eval_fid").main(
+            ["--load_dir", str(digits_run), "--fid_stats", str(random_reference[0]), "--random_inception",
+             "--num_samples", "4", "--batch_size", "4", "--solver", "dopri5", "--rtol", "1e-13", "--atol", "1e-13",
+             "--max_steps", "3", "--out", str(tmp_path / "fid")])
+    assert not (tmp_path / "fid" / "fid.json").exists()
+
+
 def test_fid_during_training_uses_the_given_sampler(digits_model, random_reference, monkeypatch):
     reference, _ = random_reference
     recorder = RecordingFrechet()

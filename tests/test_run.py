@@ -4,14 +4,17 @@ import json
 import pathlib
 
 import equinox as eqx
+import jax
+import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 import optax
 import pytest
 
 from rfdit import DiTConfig, SamplerConfig, TrainState
 from rfdit.run.config import DATASETS, DatasetDefaults, RunConfig, parse_args, resolve
 from rfdit.run.hooks import Hooks, StepInfo
-from rfdit.run.parts import MODEL_SPACE_STREAM, RunKeys
+from rfdit.run.parts import MODEL_SPACE_STREAM, RunKeys, model_space
 
 FIXTURE_CONFIG = pathlib.Path(__file__).resolve().parent / "fixtures" / "run_v1" / "config.json"
 
@@ -82,3 +85,18 @@ def test_run_keys_are_derived_from_the_seed_alone():
     for got, want in [(keys.model, model), (keys.state, state), (keys.sample, sample),
                       (keys.model_space, jr.fold_in(jr.key(3), MODEL_SPACE_STREAM))]:
         assert (jr.key_data(got) == jr.key_data(want)).all()
+
+
+@pytest.mark.parametrize("dataset, width", [("digits", 2 / 16), ("cifar10", 2 / 255)])
+def test_dequantize_adds_one_level_of_the_data_sets_own_quantisation(dataset, width):
+    run = resolve(parse_args(["--dataset_name", dataset, "--dequantize", "1"]))
+    add_noise = model_space(run, None, jr.key(0))
+    images = jnp.zeros((2, 4096, 1))
+    noise = np.asarray(add_noise(images, 3))
+    assert np.abs(noise).max() <= width / 2 and np.abs(noise).max() > 0.99 * width / 2  # uniform over one level
+    assert abs(noise.std() - width / np.sqrt(12)) < 0.03 * width
+
+
+def test_dequantize_is_refused_on_latent_runs():
+    with pytest.raises(ValueError, match="latents, which have no pixel levels"):
+        resolve(parse_args(["--dataset_name", "imagenet256", "--dequantize", "1"]))

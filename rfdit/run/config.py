@@ -170,7 +170,8 @@ class TrainArgs:
     fid_stats: str | None = None
     debug_overfit: Literal[0, 1] = 0
     dequantize: Literal[0, 1] = 0
-    """add uniform noise of one quantisation step to training images (digits have 17 levels)"""
+    """add uniform noise of one pixel level to training images: 2/16 for digits (17 levels), 2/255 for 8-bit
+    images; pixel-space runs only"""
     use_stable_vae: Literal[0, 1] | None = None
     """the original's top-level spelling of --model.use_stable_vae"""
     steps_per_call: int | None = None
@@ -383,6 +384,10 @@ def resolve(args: TrainArgs) -> RunConfig:
     if args.keep_checkpoints < 1:
         raise ValueError(f"--keep_checkpoints (={args.keep_checkpoints}) must be at least 1: a run keeps its newest "
                          "checkpoints to resume from.")
+    if args.dequantize and (use_vae or args.dataset_name == "latents"):
+        raise ValueError("--dequantize 1 adds noise of one pixel level to training images; this run trains on VAE "
+                         "latents, which have no pixel levels. Drop --dequantize (or train in pixel space with "
+                         "--model.use_stable_vae 0).")
     batch_size = args.batch_size or defaults.batch_size
     dtype = compute_dtype(args.precision)
     data = DataConfig(

@@ -73,8 +73,9 @@ def train(run: RunConfig, run_dir: pathlib.Path, *, load_dir: str | None = None,
                 hooks = Hooks()
                 hooks.add(log.collect, every=k, at_end=True)
                 hooks.add(log.write, every=schedule.log_interval, at_end=True)
-                hooks.add(evaluation.at_interval, every=schedule.eval_interval)
+                # saved before it is evaluated: an evaluation that fails (SolveFailed, a full disk) loses no training
                 hooks.add(checkpoints.save, every=schedule.save_interval, at_end=True)
+                hooks.add(evaluation.at_interval, every=schedule.eval_interval)
                 hooks.add(stop, every=k, at_end=True)
                 hooks.add(Export(run_dir / "export", run, enabled=is_main), at_end=True)
                 hooks.add(evaluation.at_end, at_end=True)

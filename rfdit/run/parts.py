@@ -25,6 +25,7 @@ from ..data.digits import LEVELS as DIGITS_LEVELS
 from ..data.latents import LatentBatches
 from ..distributed import make_mesh, shard_state
 from ..generation import inception_features
+from ..likelihood import IMAGE_LEVELS, quantisation_step
 from ..metrics import load_statistics
 from ..nn.dit import DiT
 from ..nn.vae import StableVAE
@@ -149,7 +150,8 @@ def model_space(run: RunConfig, vae: StableVAE | None, key: PRNGKeyArray) -> Cal
 
         return lambda images, step: draw(images, step)
     if vae is None and run.data.dequantize:
-        step_size = 2.0 / (DIGITS_LEVELS - 1)  # one quantisation step of the [-1, 1] range
+        # one level of the data set's own quantisation over [-1, 1]: digits 17 levels, every other 8-bit images
+        step_size = quantisation_step(DIGITS_LEVELS if run.data.name == "digits" else IMAGE_LEVELS)
 
         @jax.jit
         def dequantize(images, step):

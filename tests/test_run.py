@@ -4,7 +4,6 @@ import json
 import pathlib
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np

@@ -118,7 +118,16 @@ def run_name(scale: float, seed: int) -> str:
 
 
 def measure_run(run_dir: pathlib.Path, cfg: SweepConfig) -> dict[str, Any]:
-    """One trained run's figures: evaluator, orders, dopri5's error/tolerance, reference NFE, loss by t, roughness."""
+    """One trained run's figures: evaluator, orders, dopri5's error/tolerance, reference NFE, loss by t, roughness.
+
+    Kept in the run's smoothness.json (with the settings they were measured with) and reused from there."""
+    saved = run_dir / "smoothness.json"
+    settings = {"num_samples": cfg.num_samples, "roughness_paths": cfg.roughness_paths}
+    if saved.exists():
+        measured = json.loads(saved.read_text())
+        if measured.get("settings") == settings:
+            measured["dopri5_error_over_tol"] = {float(k): v for k, v in measured["dopri5_error_over_tol"].items()}
+            return measured
     study_dir = run_dir / "smoothness-study"
     study = run_study(StudyConfig(
         load_dir=str(run_dir), out=str(study_dir), solvers=ORDER_SOLVERS, steps=ORDER_STEPS,
@@ -135,7 +144,8 @@ def measure_run(run_dir: pathlib.Path, cfg: SweepConfig) -> dict[str, Any]:
     count = cfg.roughness_paths
     rough = roughness(model, data["test_images"][:count], data["test_labels"][:count])
     evaluation = json.loads((run_dir / "eval.json").read_text())
-    return {
+    measured = {
+        "settings": settings,
         "run": str(run_dir),
         "time_scale": float(model.config.time_scale),
         "evaluator": {k: evaluation[k] for k in ("class_acc", "fd_feat", "precision", "recall")},
@@ -148,6 +158,8 @@ def measure_run(run_dir: pathlib.Path, cfg: SweepConfig) -> dict[str, Any]:
         "loss_by_t": last_loss_by_t(run_dir),
         "roughness": rough,
     }
+    saved.write_text(json.dumps(measured, indent=2))
+    return measured
 
 
 def _median(values):

@@ -99,6 +99,24 @@ def test_patch_embedding_bf16_backward_matches_float64(getkey):
                                   jax.vmap(lambda x: embed(x, BF16))(x))
 
 
+def test_patch_embedding_float32_training_rule_matches_autodiff(getkey):
+    # On CPUs the training step's float32 patch embedding takes the same rule (the weight gradient
+    # transposes the patches): the same gradients as autodiff up to float32 summation order.
+    embed = PatchEmbed(0.1 * jr.normal(getkey(), (48, 2, 2, 3)), 0.1 * jr.normal(getkey(), (48,)), 2)
+    x, g = jr.normal(getkey(), (6, 8, 8, 3)), jr.normal(getkey(), (6, 16, 48))
+    rule, plain = ExecutionPolicy(bf16_backward=True), ExecutionPolicy()
+    assert rule.cpu_patch_rule and not plain.cpu_patch_rule
+
+    def loss(e, x, policy):
+        return jnp.sum(jax.vmap(lambda x: e(x, policy))(x) * g)
+
+    ours = jax.grad(loss, argnums=(0, 1))(embed, x, rule)
+    theirs = jax.grad(loss, argnums=(0, 1))(embed, x, plain)
+    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)  # 96 float32 terms per weight entry
+    np.testing.assert_array_equal(jax.vmap(lambda x: embed(x, rule))(x), jax.vmap(lambda x: embed(x, plain))(x))
+
+
 def test_bf16_backward_rounds_the_cotangent_and_sums_the_batch_in_one_product(getkey):
     layer = Linear(0.1 * jr.normal(getkey(), (24, 40)), 0.1 * jr.normal(getkey(), (24,)))
     x = jr.normal(getkey(), (16, 32, 40))  # (batch, tokens, in): the layer runs per example, under vmap

@@ -11,14 +11,17 @@ Only on CPUs, only for bf16 products and only in the training step (`ExecutionPo
 - `bf16_linear` (custom VJP): the linear layer whose backward pass multiplies bf16 operands into
   float32, as the forward pass does. Autodiff multiplies the float32 cotangent by bf16 operands, which
   XLA runs as float32 products, at half the rate on CPUs with AVX512-BF16 or AMX.
-- `bf16_patch_product` (custom VJP): the patch embedding's product, whose weight gradient transposes
-  the narrow patches rather than the cotangent (XLA fused the residual stream's gradient into that
-  copy once the blocks were unrolled).
 - `bf16_packed_attention` (custom VJP): attention on q, k, v packed as the qkv layer writes them, with
   a backward pass in bf16 operands and the three gradients returned packed.
 - `outer_sum` and `leading_sum` (custom vmap): the weight and bias gradients of those rules, one
   product or sum over batch and tokens instead of one per example summed afterwards.
 They pay on CPUs with bf16 dot products (AVX512-BF16, AMX): BENCHMARKS.md, "Execution defaults".
+
+On CPUs, in the training step, in float32 and bf16 alike (`ExecutionPolicy.cpu_patch_rule`):
+- `patch_product` (custom VJP): the patch embedding's product, whose weight gradient transposes
+  the narrow patches rather than the cotangent. With autodiff's form XLA fused the residual stream's
+  whole gradient into that strided copy: 22 of a float32 debug step's 97 ms (one core) with every
+  activation kept, 8.7 of 23 ms in bf16 (BENCHMARKS.md, "CPU: float32 ahead of the original").
 """
 
 from __future__ import annotations
@@ -133,29 +136,31 @@ def _bf16_linear_bwd(x_dtype, weight_dtype, out_dtype, residuals, g):
 bf16_linear.defvjp(_bf16_linear_fwd, _bf16_linear_bwd)
 
 
-@ft.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def bf16_patch_product(
-    patches: Float[Array, "n k"], weight: Float[Array, "o k"], patches_dtype: str
+@ft.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def patch_product(
+    patches: Float[Array, "n k"], weight: Float[Array, "o k"], compute_dtype: str, patches_dtype: str
 ) -> Float[Array, "n o"]:
-    """The patch embedding's product from bf16 operands into float32, whose weight gradient is summed
-    in float32 as (patches^T g)^T (`outer_sum`): the transposed operand is the narrow patches (n, p²C),
-    not the cotangent (n, o). At k = p²C the float32 products cost next to nothing."""
-    return bf16_product(patches, weight)
+    """The patch embedding's product from `compute_dtype` operands into float32, whose weight gradient
+    is summed in float32 as (patches^T g)^T (`outer_sum`): the transposed operand is the narrow patches
+    (n, p²C), not the cotangent (n, o). At k = p²C the float32 products cost next to nothing. Autodiff
+    transposes the cotangent instead, and XLA fuses the residual stream's whole gradient into that copy."""
+    dtype = jnp.dtype(compute_dtype)
+    return jnp.matmul(patches.astype(dtype), weight.T.astype(dtype), preferred_element_type=jnp.float32)
 
 
-def _patch_product_fwd(patches, weight, patches_dtype):
-    xb = patches.astype(jnp.bfloat16)
-    return bf16_product(xb, weight), (xb, weight)
+def _patch_product_fwd(patches, weight, compute_dtype, patches_dtype):
+    xc = patches.astype(jnp.dtype(compute_dtype))
+    return patch_product(xc, weight, compute_dtype, patches_dtype), (xc, weight)
 
 
-def _patch_product_bwd(patches_dtype, residuals, g):
-    xb, weight = residuals
+def _patch_product_bwd(compute_dtype, patches_dtype, residuals, g):
+    xc, weight = residuals
     g32 = g.astype(jnp.float32)
-    dx = jnp.matmul(g32, weight.astype(jnp.bfloat16).astype(jnp.float32))  # dropped by XLA when unused
-    return dx.astype(patches_dtype), outer_sum(g32, xb.astype(jnp.float32), weight).astype(weight.dtype)
+    dx = jnp.matmul(g32, weight.astype(jnp.dtype(compute_dtype)).astype(jnp.float32))  # dropped by XLA when unused
+    return dx.astype(patches_dtype), outer_sum(g32, xc.astype(jnp.float32), weight).astype(weight.dtype)
 
 
-bf16_patch_product.defvjp(_patch_product_fwd, _patch_product_bwd)
+patch_product.defvjp(_patch_product_fwd, _patch_product_bwd)
 
 
 def softmax_attention(

@@ -133,8 +133,8 @@ class PatchEmbed(eqx.Module):
         patches = x.reshape(height // p, p, width // p, p, channels).transpose(0, 2, 1, 3, 4)
         patches = patches.reshape(-1, p * p * channels)  # (n, p*p*C), row-major over (h, w)
         w = self.weight.reshape(self.weight.shape[0], -1)
-        if policy.bf16_cpu_backward:
-            y = grad_rules.bf16_patch_product(patches, w, str(patches.dtype))
+        if policy.cpu_patch_rule:
+            y = grad_rules.patch_product(patches, w, policy.compute_dtype, str(patches.dtype))
         else:
             y = product(patches, w, policy)
         return add_bias(y, self.bias).astype(x.dtype)

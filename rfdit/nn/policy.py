@@ -46,8 +46,9 @@ class ExecutionPolicy:
         scan_unroll: blocks unrolled per iteration of the scan over the depth.
         attention: one of ATTENTION_IMPLEMENTATIONS, or None for the backend's choice when the model
             runs (`attention_for`): a default cuDNN attention that does not apply falls back to XLA's.
-        bf16_backward: the training step's form of bf16 products on CPUs, whose backward passes
-            multiply bf16 operands as well (`rfdit.nn.grad_rules`). It rules out forward-mode autodiff
+        bf16_backward: the training step's form of the products on CPUs (`rfdit.nn.grad_rules`): bf16
+            products' backward passes multiply bf16 operands as well, and the patch embedding's weight
+            gradient transposes the patches (`cpu_patch_rule`, float32 too). It rules out forward-mode autodiff
             and per-example gradients of shared weights; `rfdit.TrainStep` sets it for its loss.
         products_write_float32: whether bf16 products write float32 results (on CPUs) rather than
             bf16 ones (on accelerators). By default, whether the backend is the CPU.
@@ -86,6 +87,12 @@ class ExecutionPolicy:
     def bf16_cpu_backward(self) -> bool:
         """Whether the CPU backward rules of `rfdit.nn.grad_rules` apply to bf16 products."""
         return self.bf16_backward and self.bf16 and self.products_write_float32
+
+    @property
+    def cpu_patch_rule(self) -> bool:
+        """Whether the patch embedding's weight gradient takes `rfdit.nn.grad_rules.patch_product`'s form:
+        in the training step on CPUs, float32 or bf16."""
+        return self.bf16_backward and self.products_write_float32
 
     @property
     def wide_dtype(self) -> str:

@@ -29,11 +29,13 @@ import importlib
 import json
 import statistics
 import sys
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -41,7 +43,7 @@ import optax
 import tyro
 
 import rfdit
-from rfdit.benchmarking import CORE_CONFIGS, matmul_peak_tflops, time_calls
+from rfdit.benchmarking import CORE_CONFIGS, matmul_peak_tflops, ops_by_kind, profile_ops, summarise_ops, time_calls
 from rfdit.config import compute_dtype
 
 
@@ -66,6 +68,9 @@ class Args:
     """rfdit: the products' compute dtype (the original has float32 only); bf16 keeps the parameters,
     the optimizer and the loss float32"""
     seed: int = 0
+    profile: int = 0
+    """profile this many calls of each step op by op after the timing (CPU: run it on one core,
+    `taskset -c 0`, so that op times add up to the wall time) and print both summaries"""
 
 
 def import_original(original_dir: Path):
@@ -212,6 +217,27 @@ def main(argv: list[str] | None = None) -> dict:
         "rfdit_fraction_of_peak": round(flops_per_step / (our_ms / 1e3) / our_peak, 4),
         "rounds_ms": [[round(o, 3), round(m, 3)] for o, m in rounds],
     }
+    if args.profile:
+        options = {"xla_cpu_enable_xprof_traceme": True} if device.platform == "cpu" else {}
+        result["op_profile_ms_per_call"] = {}
+        orig_compiled = orig_update.lower(orig[0], orig_images, orig_labels).compile(compiler_options=options)
+        our_compiled = step.lower(ours[0], our_images, our_labels).compile(compiler_options=options)
+        our_arrays = [eqx.filter(ours[0], eqx.is_array)]
+
+        def orig_profiled():
+            orig[0], info = orig_compiled(orig[0], orig_images, orig_labels)
+            return info
+
+        def our_profiled():  # last: these calls donate the state's buffers
+            our_arrays[0], metrics = our_compiled(our_arrays[0], our_images, our_labels)
+            return metrics
+
+        for name, call, compiled, ms in (("original", orig_profiled, orig_compiled, orig_ms),
+                                         ("rfdit", our_profiled, our_compiled, our_ms * k)):
+            rows = profile_ops(call, compiled.as_text(), args.profile, tempfile.mkdtemp(prefix=f"{name}_profile_"))
+            print(f"--- {name}'s step, op by op")
+            print(summarise_ops(rows, wall_ms=ms))
+            result["op_profile_ms_per_call"][name] = {kind: round(v, 3) for kind, v in ops_by_kind(rows).items()}
     print(json.dumps(result))
     return result
 

@@ -99,3 +99,14 @@ def test_dequantize_adds_one_level_of_the_data_sets_own_quantisation(dataset, wi
 def test_dequantize_is_refused_on_latent_runs():
     with pytest.raises(ValueError, match="latents, which have no pixel levels"):
         resolve(parse_args(["--dataset_name", "imagenet256", "--dequantize", "1"]))
+
+
+def test_time_scale_defaults_to_the_resumed_runs_then_to_the_dit_configs(tmp_path):
+    # a run started before a change of the default resumes with the value it was trained with, without the flag
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"time_scale": 37.0}}))
+    assert resolve(parse_args(["--load_dir", str(tmp_path)])).model.time_scale == 37.0
+    assert resolve(parse_args(["--load_dir", str(tmp_path / "checkpoints")])).model.time_scale == 37.0
+    assert resolve(parse_args(["--load_dir", str(tmp_path), "--model.time_scale", "5"])).model.time_scale == 5.0
+    assert resolve(parse_args([])).model.time_scale == DiTConfig().time_scale
+    assert resolve(parse_args(["--model.time_scale", "10000"])).model.time_scale == 10000.0  # the original's

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import tyro
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, checkpoint_dir
 from ..config import (
     PRESETS,
     DiTConfig,
@@ -124,7 +124,9 @@ class ModelArgs:
     vae_path: str | None = None
     """a diffusers-format VAE folder or a Hub id; default stabilityai/sd-vae-ft-mse (the original's)"""
     solver: SolverName = "euler"
-    time_scale: float = 1000.0
+    time_scale: float | None = None
+    """t's factor before the sinusoidal time embedding: rfdit.DiTConfig's default (the original: 10000), or
+    with --load_dir the resumed run's"""
     warmup_steps: int | None = None
     """linear learning-rate warm-up; the data set's default (digits 200, others 0)"""
     grad_clip: float | None = None
@@ -362,7 +364,7 @@ def resolve(args: TrainArgs) -> RunConfig:
         image_size=image_size,
         in_channels=channels,
         num_classes=m.num_classes or num_classes,
-        time_scale=m.time_scale,
+        time_scale=m.time_scale if m.time_scale is not None else _resumed_time_scale(args.load_dir),
         t_conditioning=bool(m.t_conditioning),
     )
     flow = FlowConfig(t_sampler=m.t_sampler or defaults.t_sampler, class_dropout_prob=m.class_dropout_prob,
@@ -452,6 +454,19 @@ def changed_settings(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[s
         elif old != new:
             changes.append((FLAG_NAMES.get(key, key), old, new))
     return changes
+
+
+def _resumed_time_scale(load_dir: str | None) -> float:
+    """The time_scale a resumed run was trained with (its config.json), so that a run started before a change
+    of the default resumes without the flag; DiTConfig's default for a new run."""
+    default = DiTConfig.time_scale
+    if load_dir is None:
+        return default
+    saved = checkpoint_dir(load_dir).parent / "config.json"
+    try:
+        return float(json.loads(saved.read_text())["model"]["time_scale"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return default  # no readable config.json: the checkpoint's own check says what differs
 
 
 def check_resume(saved: dict[str, Any], run: RunConfig, allow_change: str | None, source: str) -> None:

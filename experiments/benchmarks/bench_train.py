@@ -13,7 +13,8 @@ Each CPU run takes under a minute on 2 cores. The last line printed is one JSON 
   the EMA update, one step per call, no donation) on the same model, side by side.
 - `--max_batch_from 64 128 256` picks the largest batch whose compiled step fits in device
   memory, from XLA's memory analysis (no trial runs), and benchmarks it.
-- `--sample_batch N` also times sampling: N images, 32 Euler steps, with guidance (2N pass).
+- `--sample_batch N` also times sampling: N images, 32 Euler steps (`--sample_steps 32 250`: each),
+  with guidance (2N pass).
 - `--profile N` profiles N more calls with `jax.profiler` and prints where the time goes, by kind
   of op (matmul, attention, elementwise, transpose/copy, reduce, ...) and the most expensive ops.
 - FLOPs: 2 per multiply-add, training = 3 × forward, attention included.
@@ -87,6 +88,8 @@ class Args:
     baseline: bool = False
     max_batch_from: tuple[int, ...] = ()
     sample_batch: int = 0
+    sample_steps: tuple[int, ...] = (32,)
+    """Euler step counts timed with --sample_batch (e.g. 32 250)"""
     profile: int = 0
     """profile this many calls op by op after the timing (the trace goes to --profile_dir)"""
     profile_dir: str | None = None
@@ -208,15 +211,20 @@ def main(argv: list[str] | None = None) -> dict:
                                                    cfg.in_channels)), mesh)
         sample_labels = global_batch(jnp.arange(args.sample_batch, dtype=jnp.int32) % cfg.num_classes, mesh)
 
-        def sample_call():
+        def sample_call(num_steps):
             return rfdit.sample(ema, noise, sample_labels, cfg_scale=jnp.asarray(1.5), solver="euler",
-                                num_steps=32)[0]
+                                num_steps=num_steps)[0]
 
-        sample_call()
-        sample_s = statistics.median(time_calls(sample_call, 1, max(2, args.repeats // 2)))
-        result["sample_img_per_s"] = round(args.sample_batch / sample_s, 1)
-        result["sample_settings"] = {"batch": args.sample_batch, "solver": "euler", "num_steps": 32,
-                                     "cfg_scale": 1.5, "nfe": 32, "pass": "2B"}
+        rates = {}
+        for num_steps in args.sample_steps:
+            sample_call(num_steps)  # compiles
+            sample_s = statistics.median(time_calls(lambda: sample_call(num_steps), 1, max(2, args.repeats // 2)))
+            rates[num_steps] = round(args.sample_batch / sample_s, 1)
+            print(f"sampling: {rates[num_steps]} img/s with {num_steps} Euler steps, cfg 1.5 (2B pass)")
+        result["sample_img_per_s"] = rates[args.sample_steps[0]]
+        result["sample_img_per_s_by_steps"] = rates
+        result["sample_settings"] = {"batch": args.sample_batch, "solver": "euler", "num_steps": list(args.sample_steps),
+                                     "cfg_scale": 1.5, "pass": "2B"}
     if args.profile:
         # last: the profiled calls donate the state's buffers
         options = {"xla_cpu_enable_xprof_traceme": True} if device.platform == "cpu" else {}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of BENCHMARKS.md in one prepared run (about 7 minutes on an H100/H200), each run its own process:
-#   b2_bf16        DiT-B/2 on 32x32x4 latents, batch 256, bf16 (defaults); sampling throughput (32 Euler
-#                  steps with guidance) and an op-by-op profile of the step (in b2_bf16.log, trace in b2_bf16_trace/);
+#   b2_bf16        DiT-B/2 on 32x32x4 latents, batch 256, bf16 (defaults); sampling throughput (32 and 250
+#                  Euler steps with guidance 1.5) and an op-by-op profile of the step (in b2_bf16.log, trace in b2_bf16_trace/);
 #   b2_bf16_*      the same with one change each, side by side: VARIANTS="scanned no_triton_gemm" by default, also
 #                  cublaslt, remat_dots, xla_attention (XLA's attention instead of cuDNN's), bf16_stream
 #                  (--residual_dtype bfloat16);
@@ -33,7 +33,7 @@ run() {  # name, timeout, "ENV=value ..." (or ""), bench_train args...
   tail -n 1 "$out/$name.log" | grep '^{' > "$out/$name.json" || echo "$name: no result"
 }
 b2_args="$b2 $common --batch_size $batch --precision bf16"
-run b2_bf16 170 "" $b2_args $steps --sample_batch $sample --profile 3 --profile_dir "$out/b2_bf16_trace"
+run b2_bf16 200 "" $b2_args $steps --sample_batch $sample --sample_steps 32 250 --profile 3 --profile_dir "$out/b2_bf16_trace"
 for v in ${VARIANTS-scanned no_triton_gemm}; do
   case $v in
     scanned) run b2_bf16_$v 60 "" $b2_args $steps --scan_unroll 1 ;;
@@ -53,7 +53,7 @@ python - "$out" ${names[@]+"${names[@]}"} <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 print(f"{'run':24} {'device':22} {'batch':>5} {'img/s':>8} {'ms/step':>8} {'MFU meas':>8} {'MFU nom':>7} "
-      f"{'peak TF':>7} {'mem GiB':>7} {'compile s':>9} {'sample img/s':>12}")
+      f"{'peak TF':>7} {'mem GiB':>7} {'compile s':>9} {'sample img/s by Euler steps':>12}")
 for name in sys.argv[2:]:
     f = out / f"{name}.json"
     if not f.exists() or not f.read_text().strip():
@@ -62,7 +62,7 @@ for name in sys.argv[2:]:
     mem = r.get("peak_memory_bytes") or 0
     print(f"{name:24} {r['device'][:22]:22} {r['config']['batch_size']:>5} {r['img_per_s']:>8} {r['ms_per_step']:>8} "
           f"{r['mfu_measured']:>8} {str(r['mfu_nominal']):>7} {r['peak_tflops_measured']:>7} {mem / 2**30:>7.1f} "
-          f"{r['compile_s']:>9} {str(r.get('sample_img_per_s', '')):>12}")
+          f"{r['compile_s']:>9} {str(r.get('sample_img_per_s_by_steps', r.get('sample_img_per_s', ''))):>12}")
     if "op_profile_ms_per_call" in r:
         print(f"{'':24} ops ms/call: " + ", ".join(f"{k} {v}" for k, v in r["op_profile_ms_per_call"].items()))
 PY

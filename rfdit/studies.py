@@ -143,6 +143,10 @@ class StudyConfig:
     seed: int = 0
     """the noise's seed"""
     plots: bool = True
+    spread: tuple[float, float, float, float] | None = None
+    """the evaluator's spread between sample sets of num_samples (class_acc, fd_feat, precision, recall): a
+    setting whose figures all lie within it of the reference solution's "reaches the reference"; default the
+    run's eval.json spread (per-set standard deviations) scaled to num_samples"""
 
     def fixed(self, solver: str, num_steps: int, cfg_scale: float, *, time_shift: float = 1.0,
               guidance_interval: tuple[float, float] | None = None) -> SamplerConfig:
@@ -430,6 +434,11 @@ def run_study(cfg: StudyConfig, *, command: str | None = None, progress: bool = 
                                      "full": _brief(twin[0]),
                                      "interval": _brief(row), "guidance_interval": row["guidance_interval"]})
 
+    spread = cfg.spread
+    if spread is None:
+        spread = _run_spread(pathlib.Path(cfg.load_dir), cfg.num_samples)
+    result_cheapest = cheapest_settings(rows, spread) if spread is not None else []
+
     result = {
         "command": command,
         "config": dataclasses.asdict(cfg),
@@ -449,10 +458,50 @@ def run_study(cfg: StudyConfig, *, command: str | None = None, progress: bool = 
         "stepping": stepping,
         "stepping_recommendation": _stepping_recommendation(stepping),
         "guidance": guidance,
+        "spread": dict(zip(SPREAD_KEYS, spread)) if spread is not None else None,
+        "cheapest": result_cheapest,
         "plots": [],
     }
     write_outputs(result, out, plots=cfg.plots)
     return result
+
+
+SPREAD_KEYS = ("class_acc", "fd_feat", "precision", "recall")
+
+
+def _run_spread(load_dir: pathlib.Path, num_samples: int) -> tuple[float, ...] | None:
+    """The run's eval.json spread between its sample sets, scaled from its set size to `num_samples`."""
+    for folder in (load_dir, load_dir.parent):
+        path = folder / "eval.json"
+        if path.exists():
+            report = json.loads(path.read_text())
+            if "std" in report and report.get("samples_per_set"):
+                factor = float(np.sqrt(report["samples_per_set"] / num_samples))
+                return tuple(factor * report["std"][k] for k in SPREAD_KEYS)
+    return None
+
+
+def cheapest_settings(rows: list[dict[str, Any]], spread) -> list[dict[str, Any]]:
+    """Per solver (and per SDE form), the grid's or SDE rows' cheapest setting by NFE whose evaluator figures all
+    lie within `spread` of its reference solution's, with no failed solves."""
+    references = [r for r in rows if r["section"] == "reference" and r.get("fd_feat") is not None]
+    if not references:
+        return []
+    best: dict[tuple, dict[str, Any]] = {}
+    for row in rows:
+        if row["section"] not in ("grid", "sde") or row.get("fd_feat") is None or row["num_failed"]:
+            continue
+        ref = next((r for r in references if r["cfg_scale"] == row["cfg_scale"]
+                    and r["guidance_interval"] == row["guidance_interval"]
+                    and r.get("diffusion") == row.get("diffusion")), None)
+        if ref is None or any(abs(row[k] - ref[k]) > width for k, width in zip(SPREAD_KEYS, spread)):
+            continue
+        key = (row["solver"], row.get("diffusion"), row["cfg_scale"], row["guidance_interval"])
+        if key not in best or row["nfe"] < best[key]["nfe"]:
+            best[key] = row
+    out = [{k: row.get(k) for k in ("solver", "diffusion", "num_steps", "time_shift", "rtol", "cfg_scale",
+                                    "guidance_interval", "nfe", "rms_error", *SPREAD_KEYS)} for row in best.values()]
+    return sorted(out, key=lambda r: r["nfe"])
 
 
 def _expected_nfe(setting: SamplerConfig) -> int | None:
@@ -671,6 +720,14 @@ def markdown_tables(result: dict[str, Any]) -> str:
                   f"An SDE row's RMS error is against {reference.get('solver')} with {reference.get('num_steps')} "
                   "steps on the same Brownian path (its strong error); an ODE row's against the ODE reference.\n\n",
                   _md_table(["SDE", "solver", "steps", "cfg", "NFE", "ms/sample", "RMS error", "failed", *q], body)]
+    if result.get("cheapest"):
+        spread = result["spread"]
+        parts += ["\n\n## The cheapest setting of each solver that reaches the reference\n\n"
+                  "Its evaluator figures all within the spread between sample sets of this size of the reference "
+                  "solution's (" + ", ".join(f"{k} ± {v:.3g}" for k, v in spread.items()) + ").\n\n",
+                  _md_table(["solver", "SDE", "steps", "shift", "rtol", "cfg", "NFE", "RMS error", *q],
+                            [[c["solver"], c["diffusion"], c["num_steps"], c["time_shift"], c["rtol"], c["cfg_scale"],
+                              c["nfe"], c["rms_error"], *[c.get(k) for k in q]] for c in result["cheapest"]])]
     if result["steps_table"]:
         parts += ["\n\n## Quality against Euler steps (the original's table shape)\n",
                   _md_table(["Euler steps", "RMS error", *q],

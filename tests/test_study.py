@@ -108,6 +108,7 @@ def test_sampling_study_smoke_run_writes_table_json_and_plots(tmp_path):
         "--reference_solver", "heun", "--reference_tol", "1e-4", "--reference_check_samples", "0",
         "--pcoeff", "0.3", "--icoeff", "0.4", "--dtmax", "0.1",
         "--diffusions", "sigma", "--sde_steps", "2", "8", "--sde_reference_steps", "64", "--batch_size", "8",
+        "--spread", "1", "100", "1", "1",
     ])
     with (out / "study.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -144,6 +145,25 @@ def test_sampling_study_smoke_run_writes_table_json_and_plots(tmp_path):
     assert 0 < float(sde[8]["rms_error"]) < float(sde[2]["rms_error"])  # strong error falls with the step
     assert ("reference", "shark", "64", "", "") in by and study["reference"]["sde"]["num_steps"] == 64
     assert "SDE against the ODE" in (out / "study.md").read_text()
+    # a spread that every row meets: each solver's cheapest row is its fewest evaluations
+    cheapest = {(c["solver"], c["diffusion"]): c["nfe"] for c in study["cheapest"]}
+    assert cheapest[("euler", None)] == 2 and cheapest[("heun", None)] == 4 and cheapest[("euler", "sigma")] == 3
+    assert "The cheapest setting of each solver" in (out / "study.md").read_text()
+
+
+def test_cheapest_settings_keep_only_rows_within_the_spread_of_their_reference():
+    from rfdit.studies import cheapest_settings
+
+    base = {"cfg_scale": 1.0, "guidance_interval": None, "num_failed": 0, "time_shift": 1.0, "rtol": None,
+            "rms_error": 0.0, "class_acc": 0.97, "precision": 0.86, "recall": 0.84}
+    rows = [{**base, "section": "reference", "solver": "dopri8", "nfe": 300, "fd_feat": 0.80},
+            {**base, "section": "grid", "solver": "heun", "num_steps": 4, "nfe": 8, "fd_feat": 0.95},  # too far
+            {**base, "section": "grid", "solver": "heun", "num_steps": 8, "nfe": 16, "fd_feat": 0.83},
+            {**base, "section": "grid", "solver": "heun", "num_steps": 16, "nfe": 32, "fd_feat": 0.80},
+            {**base, "section": "grid", "solver": "euler", "num_steps": 8, "nfe": 8, "fd_feat": 0.81,
+             "num_failed": 1}]  # a failed solve never counts
+    cheapest = cheapest_settings(rows, (0.01, 0.05, 0.01, 0.05))
+    assert [(c["solver"], c["num_steps"]) for c in cheapest] == [("heun", 8)]
 
 
 def test_study_config_refuses_bad_settings():

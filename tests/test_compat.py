@@ -24,6 +24,10 @@ import rfdit
 
 FIXTURE = pathlib.Path(__file__).resolve().parent / "fixtures" / "run_v1"
 EXPECTED = FIXTURE.parent / "run_v1_expected.npz"
+# the export of the same command's run written by rfdit just before DiTConfig's default time_scale changed from
+# 1000, and the samples that rfdit drew from it (the same settings as SAMPLE_SETTINGS); never rewrite them either
+EXPORT_V2 = FIXTURE.parent / "export_v2"
+EXPORT_V2_EXPECTED = FIXTURE.parent / "export_v2_expected.npz"
 FLAGS = ["--batch_size", "32", "--model.hidden_size", "16", "--model.depth", "1", "--model.num_heads", "2",
          "--model.mlp_ratio", "1", "--model.denoise_timesteps", "4", "--eval_interval", "100000",
          "--save_interval", "100000", "--steps_per_call", "5", "--log_interval", "5"]
@@ -78,6 +82,15 @@ def test_compat_v1_config_is_what_the_flags_resolve_to(capsys):
 
 def test_compat_v1_export_loads_and_samples(expected):
     np.testing.assert_allclose(_samples(FIXTURE / "export"), expected["export_samples"], **TOLERANCE)
+
+
+def test_compat_exports_sample_with_the_time_scale_they_were_trained_with():
+    from rfdit.checkpoint import load_model
+
+    model, config = load_model(EXPORT_V2)
+    assert model.config.time_scale == config["model"]["time_scale"] == 1000.0
+    with np.load(EXPORT_V2_EXPECTED) as data:
+        np.testing.assert_allclose(_samples(EXPORT_V2), data["export_samples"], **TOLERANCE)
 
 
 def test_compat_v1_run_folder_loads_the_exported_ema(expected):

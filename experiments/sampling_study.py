@@ -10,8 +10,8 @@
     python experiments/sampling_study.py --load_dir runs/digits-default --out runs/sampling-study/sde \\
         --solvers euler --steps 32 64 128 250 --tolerances --table_steps --stepping_solvers \\
         --diffusions sigma increasing-decreasing --sde_steps 32 64 128 250 --last_step mean --last_step_size 0.04
-        # the SDE (Euler-Maruyama) beside the ODE at the same steps; SDE errors against a 1000-step
-        # ShARK solve on the same Brownian path
+        # the SDE (Euler-Maruyama) beside the ODE at the same steps; SDE errors against a 4000-step
+        # Euler-Maruyama solve on the same Brownian path
 
 Adaptive rows take the PID controller's --pcoeff --icoeff --dtmin --dtmax and --max_steps.
 --load_dir takes a run folder, its checkpoints/ or an export folder. Writes DIR/study.csv,

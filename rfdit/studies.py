@@ -17,7 +17,9 @@ tolerances, optionally several cfg scales and a guidance interval. For each it r
 SDE rows (`diffusions`: SiT's diffusion forms, `rfdit.sde`) sample the flow's SDE with fixed
 steps; their `rms_error` is against a fine solve (`sde_reference_solver` with
 `sde_reference_steps`) of the same SDE on the same Brownian path from the same noise, so it
-measures the solver's strong error, and their quality columns sit beside the ODE's.
+measures the solver's strong error (the reference is the row's own solver unless `sde_reference_solver`
+names another with the same Lévy area: solvers that need the space-time Lévy area draw their path from another
+tree), and their quality columns sit beside the ODE's.
 
 Every row is one `rfdit.SamplerConfig`, so whatever a row shows can be sampled with its settings.
 
@@ -122,10 +124,12 @@ class StudyConfig:
     """the SDE's last step (mean, tweedie, euler, or None)"""
     last_step_size: float = 0.04
     """the SDE's last step size"""
-    sde_reference_solver: str = "shark"
-    """the SDE rows' reference: this solver with sde_reference_steps on the same Brownian path"""
-    sde_reference_steps: int = 1000
-    """the SDE reference's fixed steps"""
+    sde_reference_solver: str | None = None
+    """the SDE rows' reference solver (default: each row's own) with sde_reference_steps on the same Brownian
+    path. A solver that needs another Lévy area (shark, sra1, sea against euler or heun) draws its path from
+    another tree, so its errors would be against an independent path"""
+    sde_reference_steps: int = 4000
+    """the SDE reference's fixed steps (Euler-Maruyama's strong error at 4000 steps is 1/16 of its error at 250)"""
     table_steps: tuple[int, ...] = (500, 100, 20, 5, 1)
     """Euler step counts of the original's table (quality against denoising steps)"""
     stepping_solvers: tuple[SolverName, ...] = ("dopri5",)
@@ -173,7 +177,8 @@ class StudyConfig:
         """The solve a row's error is measured against: for the ODE the reference solver at reference_tol,
         every sample stepping on its own; for the SDE the same SDE with sde_reference_solver's fixed steps."""
         if setting.diffusion is not None:
-            return dataclasses.replace(setting, solver=self.sde_reference_solver, num_steps=self.sde_reference_steps)
+            return dataclasses.replace(setting, solver=self.sde_reference_solver or setting.solver,
+                                       num_steps=self.sde_reference_steps)
         return SamplerConfig(solver=self.reference_solver, num_steps=None, rtol=self.reference_tol,
                              atol=self.reference_tol, cfg_scale=setting.cfg_scale,
                              guidance_interval=setting.guidance_interval, per_sample=True,
@@ -188,7 +193,8 @@ class StudyConfig:
         if any(n < 1 for n in (*self.steps, *self.table_steps, *self.sde_steps, self.sde_reference_steps)):
             raise ValueError(f"step counts must be >= 1; got steps={self.steps}, table_steps={self.table_steps}, "
                              f"sde_steps={self.sde_steps}, sde_reference_steps={self.sde_reference_steps}.")
-        for solver in (*self.sde_solvers, self.sde_reference_solver):  # SamplerConfig checks the names and forms
+        for solver in (*self.sde_solvers, *([self.sde_reference_solver] if self.sde_reference_solver else [])):
+            # SamplerConfig checks the names and forms
             for form in self.diffusions:
                 self.sde_setting(solver, 1, 1.0, form)
         if self.diffusions and self.sde_reference_steps < max(self.sde_steps):
@@ -350,7 +356,10 @@ def run_study(cfg: StudyConfig, *, command: str | None = None, progress: bool = 
         ref_setting = cfg.reference(setting)
         if ref_setting in references:
             return references[ref_setting]
-        res = sampler.run(ref_setting, x64=True)
+        # the ODE's reference in float64; the SDE's in float32, as its rows: the Brownian tree draws its normals
+        # in the state's dtype, so a float64 path would be another path
+        x64 = ref_setting.diffusion is None
+        res = sampler.run(ref_setting, x64=x64)
         check = None
         if cfg.reference_check_samples:
             count = min(cfg.reference_check_samples, cfg.num_samples)
@@ -358,10 +367,10 @@ def run_study(cfg: StudyConfig, *, command: str | None = None, progress: bool = 
                 tight = dataclasses.replace(ref_setting, rtol=cfg.reference_tol / 10, atol=cfg.reference_tol / 10)
             else:
                 tight = dataclasses.replace(ref_setting, num_steps=2 * ref_setting.num_steps)
-            check = _rms(sampler.run(tight, count=count, x64=True)["images"], res["images"][:count])
+            check = _rms(sampler.run(tight, count=count, x64=x64)["images"], res["images"][:count])
         row = _row(ref_setting, res, None, quality(res["images"], labels), "reference")
         row["rms_error_vs_tighter"] = check
-        row["float64_state"] = True
+        row["float64_state"] = x64
         rows.append(row)
         references[ref_setting] = {"images": res["images"], "row": row}
         log(f"reference {ref_setting.solver} cfg={ref_setting.cfg_scale:g} interval={ref_setting.guidance_interval} "
@@ -448,7 +457,7 @@ def run_study(cfg: StudyConfig, *, command: str | None = None, progress: bool = 
             "solver": cfg.reference_solver, "rtol": cfg.reference_tol, "atol": cfg.reference_tol,
             "stepping": "per_sample", "state_dtype": "float64", "network_dtype": "float32",
             "rows": [r for r in rows if r["section"] == "reference"],
-            "sde": {"solver": cfg.sde_reference_solver, "num_steps": cfg.sde_reference_steps,
+            "sde": {"solver": cfg.sde_reference_solver or "each row's own", "num_steps": cfg.sde_reference_steps,
                     "brownian_path": "the row's own (same keys, same tree)"} if cfg.diffusions else None,
         },
         "evaluator_references": quality.evaluator.references if quality.evaluator is not None else None,

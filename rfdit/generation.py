@@ -174,10 +174,9 @@ class ControllerFlags:
     """the last step's size (default 0.04)"""
 
     def controller(self) -> dict[str, Any]:
-        settings = dict(pcoeff=self.pcoeff, icoeff=self.icoeff, dtmin=self.dtmin, dtmax=self.dtmax,
-                        max_steps=self.max_steps, diffusion=self.diffusion, diffusion_norm=self.diffusion_norm,
-                        sample_eps=self.sample_eps, last_step=self.last_step, last_step_size=self.last_step_size)
-        return {name: value for name, value in settings.items() if value is not None}
+        """These flags' given values, by their SamplerConfig names (the same)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(ControllerFlags)}
+        return {name: value for name, value in values.items() if value is not None}
 
 
 def generate_kwargs(settings: SamplerConfig) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_model
 from .data.digits import load_digits_split
+from .metrics.digits import FIGURES
 from .flow import interpolate
 from .sampling import model_velocity
 from .studies import StudyConfig, run_study
@@ -148,13 +149,13 @@ def measure_run(run_dir: pathlib.Path, cfg: SweepConfig) -> dict[str, Any]:
         "settings": settings,
         "run": str(run_dir),
         "time_scale": float(model.config.time_scale),
-        "evaluator": {k: evaluation[k] for k in ("class_acc", "fd_feat", "precision", "recall")},
+        "evaluator": {k: evaluation[k] for k in FIGURES},
         "orders": observed_orders(rows),
         "dopri5_error_over_tol": dopri5,
         "dopri5_nfe": {r["rtol"]: r["nfe"] for r in rows
                        if r["section"] == "grid" and r["solver"] == "dopri5" and r["rtol"] is not None},
         "reference_nfe": reference["nfe"],
-        "reference_quality": {k: reference.get(k) for k in ("class_acc", "fd_feat", "precision", "recall")},
+        "reference_quality": {k: reference.get(k) for k in FIGURES},
         "loss_by_t": last_loss_by_t(run_dir),
         "roughness": rough,
     }
@@ -173,7 +174,7 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for scale in sorted({r["time_scale"] for r in results}):
         runs = [r for r in results if r["time_scale"] == scale]
         row: dict[str, Any] = {"time_scale": scale, "seeds": len(runs)}
-        for k in ("class_acc", "fd_feat", "precision", "recall"):
+        for k in FIGURES:
             values = [r["evaluator"][k] for r in runs]
             row[k] = float(np.mean(values))
             row[f"{k}_range"] = float(np.max(values) - np.min(values))
@@ -201,7 +202,7 @@ def _cell(value, digits=3) -> str:
 
 def markdown(summary: list[dict[str, Any]]) -> str:
     """The sweep's table: one row per time_scale."""
-    head = ["time_scale", "class_acc", "fd_feat", "precision", "recall", "Heun order 16→32, 32→64",
+    head = ["time_scale", *FIGURES, "Heun order 16→32, 32→64",
             "midpoint order", "Ralston order", "Euler order", "dopri5 error / tol at 1e-3, 1e-4", "reference NFE",
             "|∂²v/∂t²| / |v|", "loss at t = 0, 0.5, 0.9, 1"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
@@ -211,7 +212,7 @@ def markdown(summary: list[dict[str, Any]]) -> str:
 
         lines.append("| " + " | ".join([
             _cell(r["time_scale"]),
-            *[f"{r[k]:.3f} ± {r[f'{k}_range'] / 2:.3f}" for k in ("class_acc", "fd_feat", "precision", "recall")],
+            *[f"{r[k]:.3f} ± {r[f'{k}_range'] / 2:.3f}" for k in FIGURES],
             pair("heun"), pair("midpoint"), pair("ralston"), pair("euler"),
             ", ".join(_cell(r[f"dopri5_error_over_tol_{tol:g}"], 2) for tol in DOPRI5_TOLERANCES),
             _cell(r["reference_nfe"], 4), _cell(r["d2v_over_v"], 3),

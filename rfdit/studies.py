@@ -15,11 +15,10 @@ tolerances, optionally several cfg scales and a guidance interval. For each it r
   models, and `fid` when reference statistics are given (`fid_stats`).
 
 SDE rows (`diffusions`: SiT's diffusion forms, `rfdit.sde`) sample the flow's SDE with fixed
-steps; their `rms_error` is against a fine solve (`sde_reference_solver` with
-`sde_reference_steps`) of the same SDE on the same Brownian path from the same noise, so it
-measures the solver's strong error (the reference is the row's own solver unless `sde_reference_solver`
-names another with the same Lévy area: solvers that need the space-time Lévy area draw their path from another
-tree), and their quality columns sit beside the ODE's.
+steps; their `rms_error` is against a fine solve (`sde_reference_steps` of the row's own solver, or of
+`sde_reference_solver` if it needs the same Lévy area) of the same SDE on the same Brownian path from the
+same noise, in the rows' float32, so it measures the solver's strong error; their quality columns sit
+beside the ODE's.
 
 Every row is one `rfdit.SamplerConfig`, so whatever a row shows can be sampled with its settings.
 
@@ -52,7 +51,7 @@ import numpy as np
 from . import sde
 from .checkpoint import load_model
 from .config import SamplerConfig
-from .metrics.digits import DigitsEvaluator
+from .metrics.digits import FIGURES, DigitsEvaluator
 from .metrics.fid import compute_statistics, fid_inception, frechet_distance, load_statistics
 from .plots import _pyplot
 from .sampling import SOLVERS, SolverName, evaluations_per_step, sample
@@ -65,7 +64,7 @@ COLUMNS = (
     "compile_seconds",
     "num_failed", "diffusion", "diffusion_norm", "last_step",
 )
-QUALITY = ("class_acc", "fd_feat", "precision", "recall", "fid")
+QUALITY = (*FIGURES, "fid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,8 +125,7 @@ class StudyConfig:
     """the SDE's last step size"""
     sde_reference_solver: str | None = None
     """the SDE rows' reference solver (default: each row's own) with sde_reference_steps on the same Brownian
-    path. A solver that needs another Lévy area (shark, sra1, sea against euler or heun) draws its path from
-    another tree, so its errors would be against an independent path"""
+    path; it must need the rows' Lévy area (shark, sra1 and sea draw another path than euler and heun)"""
     sde_reference_steps: int = 4000
     """the SDE reference's fixed steps (Euler-Maruyama's strong error at 4000 steps is 1/16 of its error at 250)"""
     table_steps: tuple[int, ...] = (500, 100, 20, 5, 1)
@@ -166,10 +164,9 @@ class StudyConfig:
                              max_steps=self.max_steps, cfg_scale=cfg_scale, per_sample=per_sample,
                              guidance_interval=guidance_interval if cfg_scale != 1.0 else None)
 
-    def sde_setting(self, solver: str, num_steps: int, cfg_scale: float, diffusion: str | None = None) -> SamplerConfig:
+    def sde_setting(self, solver: str, num_steps: int, cfg_scale: float, diffusion: str) -> SamplerConfig:
         """An SDE row's settings (fixed steps)."""
-        return SamplerConfig(solver=solver, num_steps=num_steps, cfg_scale=cfg_scale,
-                             diffusion=diffusion or (self.diffusions or ("sigma",))[0],
+        return SamplerConfig(solver=solver, num_steps=num_steps, cfg_scale=cfg_scale, diffusion=diffusion,
                              diffusion_norm=self.diffusion_norm, sample_eps=self.sample_eps, last_step=self.last_step,
                              last_step_size=self.last_step_size)
 
@@ -197,6 +194,15 @@ class StudyConfig:
             # SamplerConfig checks the names and forms
             for form in self.diffusions:
                 self.sde_setting(solver, 1, 1.0, form)
+        if self.diffusions and self.sde_reference_solver is not None:
+            # a path is drawn per Lévy area: a reference that needs another one would stand on an independent path
+            areas = {solver: sde.levy_area(sde.SDE_SOLVERS[solver]()) for solver in (*self.sde_solvers,
+                                                                                   self.sde_reference_solver)}
+            other = [s for s in self.sde_solvers if areas[s] is not areas[self.sde_reference_solver]]
+            if other:
+                raise ValueError(f"sde_reference_solver {self.sde_reference_solver!r} draws its Brownian path with "
+                                 f"{areas[self.sde_reference_solver].__name__}, the rows {other} with "
+                                 f"{areas[other[0]].__name__}: another path. Leave it unset (each row's own solver).")
         if self.diffusions and self.sde_reference_steps < max(self.sde_steps):
             raise ValueError(f"sde_reference_steps (={self.sde_reference_steps}) must be at least the finest SDE "
                              f"row's steps ({max(self.sde_steps)}).")
@@ -467,15 +473,12 @@ def run_study(cfg: StudyConfig, *, command: str | None = None, progress: bool = 
         "stepping": stepping,
         "stepping_recommendation": _stepping_recommendation(stepping),
         "guidance": guidance,
-        "spread": dict(zip(SPREAD_KEYS, spread)) if spread is not None else None,
+        "spread": dict(zip(FIGURES, spread)) if spread is not None else None,
         "cheapest": result_cheapest,
         "plots": [],
     }
     write_outputs(result, out, plots=cfg.plots)
     return result
-
-
-SPREAD_KEYS = ("class_acc", "fd_feat", "precision", "recall")
 
 
 def _run_spread(load_dir: pathlib.Path, num_samples: int) -> tuple[float, ...] | None:
@@ -486,7 +489,7 @@ def _run_spread(load_dir: pathlib.Path, num_samples: int) -> tuple[float, ...] |
             report = json.loads(path.read_text())
             if "std" in report and report.get("samples_per_set"):
                 factor = float(np.sqrt(report["samples_per_set"] / num_samples))
-                return tuple(factor * report["std"][k] for k in SPREAD_KEYS)
+                return tuple(factor * report["std"][k] for k in FIGURES)
     return None
 
 
@@ -503,13 +506,13 @@ def cheapest_settings(rows: list[dict[str, Any]], spread) -> list[dict[str, Any]
         ref = next((r for r in references if r["cfg_scale"] == row["cfg_scale"]
                     and r["guidance_interval"] == row["guidance_interval"]
                     and r.get("diffusion") == row.get("diffusion")), None)
-        if ref is None or any(abs(row[k] - ref[k]) > width for k, width in zip(SPREAD_KEYS, spread)):
+        if ref is None or any(abs(row[k] - ref[k]) > width for k, width in zip(FIGURES, spread)):
             continue
         key = (row["solver"], row.get("diffusion"), row["cfg_scale"], row["guidance_interval"])
         if key not in best or row["nfe"] < best[key]["nfe"]:
             best[key] = row
     out = [{k: row.get(k) for k in ("solver", "diffusion", "num_steps", "time_shift", "rtol", "cfg_scale",
-                                    "guidance_interval", "nfe", "rms_error", *SPREAD_KEYS)} for row in best.values()]
+                                    "guidance_interval", "nfe", "rms_error", *FIGURES)} for row in best.values()]
     return sorted(out, key=lambda r: r["nfe"])
 
 
@@ -709,7 +712,7 @@ def markdown_tables(result: dict[str, Any]) -> str:
     """The study's tables in Markdown: the grid, the original's table, stepping, guidance."""
     rows = result["rows"]
     has_fid = any(r.get("fid") is not None for r in rows)
-    q = ["class_acc", "fd_feat", "precision", "recall"] + (["fid"] if has_fid else [])
+    q = [*FIGURES] + (["fid"] if has_fid else [])
     head = ["section", "solver", "steps", "shift", "rtol", "cfg", "interval", "stepping", "SDE", "NFE", "max NFE",
             "ms/sample", "RMS error", "failed", *q]
     body = [[r["section"], r["solver"], r["num_steps"], r["time_shift"], r["rtol"], r["cfg_scale"],

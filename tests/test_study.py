@@ -175,6 +175,8 @@ def test_study_config_refuses_bad_settings():
         StudyConfig(load_dir="x", out="y", guidance_interval=(0.8, 0.2))
     with pytest.raises(ValueError, match="step counts"):
         StudyConfig(load_dir="x", out="y", steps=(0, 4))
+    with pytest.raises(ValueError, match="another path"):  # ShARK's path carries a Lévy area Euler's does not
+        StudyConfig(load_dir="x", out="y", diffusions=("sigma",), sde_reference_solver="shark")
 
 
 def test_study_rows_count_failed_solves_and_leave_them_out_of_the_averages():

@@ -25,6 +25,8 @@ from scipy import linalg
 from ..data.digits import load_digits_split
 
 K_NEAREST = 3
+FIGURES = ("class_acc", "fd_feat", "precision", "recall")
+"""the names of the figures `DigitsEvaluator.evaluate` returns"""
 HIDDEN_UNITS = 64
 
 

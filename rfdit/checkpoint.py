@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import sys
 import typing
 from collections.abc import Callable
@@ -125,7 +126,9 @@ def _verify(step: int, directory: pathlib.Path, meta: dict[str, Any], names: lis
 
 
 def _unreadable(step: int, directory: pathlib.Path, error: Exception) -> CheckpointError:
-    detail = str(error).split("[tensorstore_spec")[0][:400]
+    # TensorStore appends its whole spec (many lines) to the reason; the reason alone, on one line, is what helps.
+    detail = re.split(r"\[tensorstore_spec|See full TensorStore details", str(error))[0]
+    detail = " ".join(detail.split())[:400].rstrip(" .")
     return UnreadableCheckpoint(
         f"checkpoint {step} in {directory} is unreadable ({type(error).__name__}: {detail}); it may be corrupt or "
         "incomplete. Delete it to fall back to an earlier one (or pass --load_fallback 1 to do that), or pass "

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY_RUN as TINY
-from rfdit.checkpoint import Checkpointer, CheckpointError
+from rfdit.checkpoint import Checkpointer, CheckpointError, _unreadable
 from rfdit.experiment import main
 from rfdit.run.folder import RunFolder, RunFolderError, new_run_dir
 
@@ -231,6 +231,18 @@ def flip_bytes(step_dir: pathlib.Path) -> None:
     data.write_bytes(bytes(raw))
 
 
+def test_a_tensorstore_read_error_is_reported_on_one_line():
+    # How TensorStore reports a damaged chunk: the reason, then its whole spec over many lines.
+    raw = Exception(
+        "Encountered error while reading array index: (slice(0, 32, 1),). See full TensorStore details: "
+        "<bound method spec of TensorStore({\n  'base': {\n    'driver': 'zarr',\n  }\n})>"
+    )
+    message = str(_unreadable(25, pathlib.Path("run/checkpoints"), raw))
+    assert "\n" not in message and "driver" not in message
+    assert message.startswith("checkpoint 25 in run/checkpoints is unreadable (Exception: Encountered error while "
+                              "reading array index: (slice(0, 32, 1),)); it may be corrupt")
+
+
 def test_a_flipped_checkpoint_is_unreadable_and_fallback_finds_the_good_one(tiny_digits_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(tiny_digits_run[0], copy)
@@ -238,7 +250,7 @@ def test_a_flipped_checkpoint_is_unreadable_and_fallback_finds_the_good_one(tiny
     flip_bytes(copy / "checkpoints" / "25")
     with pytest.raises(CheckpointError, match="checkpoint 25 .* unreadable .*Delete it to fall back") as error:
         main(SHORT + ["--max_steps", "30", "--load_dir", str(copy)])
-    print(error.value)
+    assert "\n" not in str(error.value), "the reason is one line, not TensorStore's whole spec"
     summary = main(SHORT + ["--max_steps", "30", "--load_dir", str(copy), "--load_fallback", "1"])
     assert summary["step"] == 30 and (copy / "checkpoints" / "unreadable-25").is_dir()
     rows = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]

@@ -4,7 +4,7 @@
         # 5 time scales x 2 seeds: trains the runs the folder lacks (about 3 minutes each on a 2-core
         # CPU), then measures each (about 1 minute): sweep.md and sweep.json in --root
     python experiments/time_scale_sweep.py --root runs/time-scale-long --time_scales 1 1000 --seeds 0 \\
-        --train_args=--max_steps --train_args=16000
+        --train_args="--max_steps 10000"
         # does the ripple shrink with longer training?
 
 Per run: the digits evaluator's figures (eval.json), each solver's observed order between 16, 32 and

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import shlex
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -106,8 +107,8 @@ class SweepConfig:
     """folder of the runs (ts<scale>-s<seed>) and of sweep.json / sweep.md"""
     time_scales: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0, 10000.0)
     seeds: tuple[int, ...] = (0, 1)
-    train_args: tuple[str, ...] = ()
-    """extra train_flow.py flags for every run (e.g. --max_steps 16000)"""
+    train_args: str = ""
+    """extra train_flow.py flags for every run, as one string (e.g. --train_args="--max_steps 16000")"""
     num_samples: int = 200
     """samples of each run's sampling study (orders, dopri5's error, the reference's NFE)"""
     roughness_paths: int = 100
@@ -234,7 +235,7 @@ def time_scale_sweep(cfg: SweepConfig, train: Callable[[list[str]], Any] | None 
             if train is None:
                 raise FileNotFoundError(f"{run_dir} has no finished run (eval.json); train it or pass train=.")
             train(["--save_dir", str(run_dir), "--seed", str(seed), "--model.time_scale", f"{scale:g}",
-                   "--overwrite", "1", *cfg.train_args])
+                   "--overwrite", "1", *shlex.split(cfg.train_args)])
         results.append(measure_run(run_dir, cfg))
         (root / "sweep.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "runs": results}, indent=2))
     summary = summarise(results)

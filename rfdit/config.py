@@ -14,7 +14,7 @@ from typing import Any
 
 import diffrax as dfx
 
-from .sampling import SOLVERS  # the one list of solver names
+from .sampling import ICOEFF, PCOEFF, SOLVERS  # the one list of solver names; the default PI controller
 from .sde import DIFFUSION_FORMS, SDE_SOLVERS, Diffusion
 
 # name -> (hidden_size, depth, num_heads, patch_size or None, mlp_ratio or None)
@@ -210,7 +210,8 @@ class SamplerConfig(_JsonMixin):
     and `rfdit.sample`, not settings; `sample_kwargs` turns these settings into those arguments.
 
     Steps: fixed (`num_steps`, with `time_shift`, or an explicit grid `ts` from 0 to 1) or adaptive
-    (`rtol`/`atol`, with the PID controller's `pcoeff`, `icoeff`, `dtmin`, `dtmax`, and `max_steps`).
+    (`rtol`/`atol`, with the PID controller's `pcoeff`, `icoeff`, `dtmin`, `dtmax`, and `max_steps`; the
+    coefficients default to `rfdit.sampling`'s PI controller, PCOEFF and ICOEFF).
     Guidance: `cfg_scale` on all channels or the first `cfg_channels`, only inside
     `guidance_interval` when given. `per_sample`: each sample its own adaptive steps.
     The SDE (`diffusion` not None): its form and `diffusion_norm`, the start time `sample_eps` and the
@@ -224,8 +225,8 @@ class SamplerConfig(_JsonMixin):
     cfg_scale: float = 1.0
     time_shift: float = 1.0
     ts: tuple[float, ...] | None = None
-    pcoeff: float = 0.0
-    icoeff: float = 1.0
+    pcoeff: float = PCOEFF
+    icoeff: float = ICOEFF
     dtmin: float | None = None
     dtmax: float | None = None
     max_steps: int = 4096
@@ -255,7 +256,7 @@ class SamplerConfig(_JsonMixin):
             kwargs["ts"] = self.ts
         elif self.num_steps is not None:
             kwargs.update(num_steps=self.num_steps, time_shift=self.time_shift)
-        elif (self.pcoeff, self.icoeff, self.dtmin, self.dtmax) == (0.0, 1.0, None, None):
+        elif (self.pcoeff, self.icoeff, self.dtmin, self.dtmax) == (PCOEFF, ICOEFF, None, None):
             kwargs.update(rtol=self.rtol, atol=self.atol)
         else:
             rtol = self.atol if self.rtol is None else self.rtol

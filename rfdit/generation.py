@@ -150,7 +150,7 @@ def run_setting(config: dict[str, Any], name: str) -> Any:
 @dataclasses.dataclass(kw_only=True)
 class ControllerFlags:
     """The adaptive step-size controller's command-line settings (`sample.py`, `eval_fid.py`); None keeps
-    the run's saved value, else Diffrax's PIDController default."""
+    the run's saved value, else SamplerConfig's default (the PI controller of rfdit.sampling)."""
 
     pcoeff: float | None = None
     """PID controller's proportional coefficient (adaptive steps)"""

@@ -54,7 +54,7 @@ from .config import SamplerConfig
 from .metrics.digits import FIGURES, DigitsEvaluator
 from .metrics.fid import compute_statistics, fid_inception, frechet_distance, load_statistics
 from .plots import _pyplot
-from .sampling import SOLVERS, SolverName, evaluations_per_step, sample
+from .sampling import ICOEFF, PCOEFF, SOLVERS, SolverName, evaluations_per_step, sample
 
 
 COLUMNS = (
@@ -101,9 +101,9 @@ class StudyConfig:
     """skip fixed-step settings that would cost more evaluations per sample than this"""
     max_steps: int = 4096
     """adaptive step budget per solve"""
-    pcoeff: float = 0.0
-    """the adaptive rows' PID controller: proportional coefficient (0 with icoeff 1: an I controller)"""
-    icoeff: float = 1.0
+    pcoeff: float = PCOEFF
+    """the adaptive rows' PID controller: proportional coefficient (0 with icoeff 1: Diffrax's I controller)"""
+    icoeff: float = ICOEFF
     """the adaptive rows' PID controller: integral coefficient"""
     dtmin: float | None = None
     """the adaptive rows' smallest step (a solve that needs less fails)"""

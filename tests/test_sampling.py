@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import rfdit
-from rfdit.sampling import SOLVERS, SolveFailed, guided_field, model_velocity, time_grid
+from rfdit.sampling import ICOEFF, PCOEFF, SOLVERS, SolveFailed, guided_field, model_velocity, time_grid
 
 ADAPTIVE = [s for s in SOLVERS if s != "euler"]
 
@@ -135,6 +135,13 @@ def test_stepsize_controller_object_is_honoured():
     # dtmax = 0.01 forces at least 100 steps, where the plain controller takes a handful
     assert int(custom["num_steps"]) >= 100 > int(default["num_steps"])
     assert int(custom["nfe"]) == len(calls) == 6 * int(custom["num_steps"]) + 1
+    # rtol/atol alone mean rfdit's PI controller: the same steps as that controller given as an object
+    pi = dfx.PIDController(rtol=1e-4, atol=1e-4, pcoeff=PCOEFF, icoeff=ICOEFF)
+    _, explicit = rfdit.solve(field, jnp.ones(3), solver="dopri5", stepsize_controller=pi)
+    jax.effects_barrier()
+    assert (int(explicit["num_steps"]), int(explicit["num_rejected_steps"])) == \
+        (int(default["num_steps"]), int(default["num_rejected_steps"]))
+    assert (PCOEFF, ICOEFF) != (0.0, 1.0) and rfdit.SamplerConfig().pcoeff == PCOEFF
     with pytest.raises(ValueError, match="not both"):
         rfdit.solve(field, jnp.ones(3), solver="dopri5", rtol=1e-3, stepsize_controller=controller)
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rfdit.smoothness import observed_orders, roughness
+from rfdit.smoothness import observed_orders, roughness, roughness_by_t
 
 
 class Field(eqx.Module):
@@ -30,6 +30,27 @@ def test_roughness_of_a_sine_in_t(omega):
     # relative error (ωh)²/12 (0.5 % at ω = 300, h = 5e-4) and the median of |sin| over a grid, which both see
     assert figures["d2v_over_v"] == pytest.approx(omega**2, rel=0.02)
     assert figures["dv_dt_rms"] / figures["v_rms"] == pytest.approx(omega, rel=0.2)
+
+
+class Pole(eqx.Module):
+    """v(x, t) = 1 / (1.1 - t): |v''| / |v| = 2 / (1.1 - t)², steepest at the data end, as a field that sharpens there."""
+
+    config: types.SimpleNamespace = eqx.field(static=True)
+
+    def __call__(self, x, t, y):
+        return jnp.zeros_like(x) + 1.0 / (1.1 - t)
+
+
+def test_roughness_by_t_finds_where_the_curvature_sits():
+    model = Pole(types.SimpleNamespace(time_convention="rfdit", in_channels=1))
+    x1 = np.zeros((2, 4, 4, 1), np.float32)
+    profile = roughness_by_t(model, x1, np.zeros(2, np.int32))
+    assert list(profile) == [f"{i / 10:g}-{(i + 1) / 10:g}" for i in range(10)]
+    # the ratio rises monotonically in t, so each bin's median is its value at the bin's middle; the central
+    # difference's relative error is h²/(1.1 - t)² (2e-4 at the last bin, h = 1/800); float32 round-off (up to
+    # ~4e-7/h² ≈ 0.25 at one point) mostly cancels in the bin's median
+    for i, value in enumerate(profile.values()):
+        assert value == pytest.approx(2 / (1.1 - (i + 0.5) / 10) ** 2, rel=1e-2)
 
 
 def test_observed_orders_are_log2_error_ratios():

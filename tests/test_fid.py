@@ -19,7 +19,7 @@ import scipy.linalg
 from rfdit.metrics import fid
 from rfdit.nn import inception
 from rfdit.weights import read_tensors
-from helpers import INSTALL_TEST_DEPS, require
+from helpers import INSTALL_TEST_DEPS, relative_error, require
 
 REFERENCE_NAME = "inception-v3-compat"
 
@@ -281,10 +281,6 @@ def test_resize_bilinear_tf1_matches_torch_fidelity(torch_fidelity_inception, si
     got = np.asarray(inception.resize_bilinear_tf1(jnp.asarray(image), 299, 299))
     # same float32 sample positions and interpolation order; XLA may fuse a multiply-add (1 ulp of 255)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
-
-
-def relative_error(a, b):
-    return float(np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b))
 
 
 def test_inception_matches_torch_fidelity(reference_weights, reference_features):

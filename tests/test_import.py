@@ -17,7 +17,7 @@ from rfdit.config import DiTConfig
 from rfdit.importers import convert_state_dict, import_checkpoint, published_state_dict
 from rfdit.sampling import model_velocity
 
-from helpers import load_script, require
+from helpers import load_script, relative_error, require
 
 # float32 on both sides; only summation orders differ (oneDNN vs XLA), ~1e-7 relative through these small
 # models, while any layout or wiring mistake gives O(1). 1e-5 is the bar.
@@ -28,11 +28,6 @@ TIMM_LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which timm's Attenti
 SIT_SMALL = dict(image_size=8, patch=2, in_ch=4, hidden=64, depth=2, heads=4, num_classes=10, learn_sigma=True)
 REPA_SMALL = dict(image_size=8, patch=2, in_ch=4, hidden=64, depth=2, heads=4, num_classes=10, learn_sigma=False,
                   qk_norm=True, projector=(32, 24))
-
-
-def relative_error(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def reference_model(seed: int, *, image_size, patch, in_ch, hidden, depth, heads, num_classes, learn_sigma,

@@ -11,6 +11,7 @@ import pytest
 import rfdit
 from rfdit.checkpoint import Checkpointer
 from rfdit.config import OptimConfig
+from rfdit.sampling import PCOEFF
 from rfdit.studies import StudyConfig
 from rfdit.train import TrainState, make_optimizer
 
@@ -166,6 +167,16 @@ def test_cheapest_settings_keep_only_rows_within_the_spread_of_their_reference()
              "num_failed": 1}]  # a failed solve never counts
     cheapest = cheapest_settings(rows, (0.01, 0.05, 0.01, 0.05))
     assert [(c["solver"], c["num_steps"]) for c in cheapest] == [("heun", 8)]
+
+
+def test_the_reference_keeps_diffrax_i_controller_whatever_the_rows_use():
+    cfg = StudyConfig(load_dir="run", out="study", pcoeff=0.2, icoeff=0.5)
+    row = cfg.adaptive("dopri5", 1e-3, 1.0)
+    reference = cfg.reference(row)
+    assert (row.pcoeff, row.icoeff) == (0.2, 0.5)
+    assert (reference.solver, reference.rtol, reference.pcoeff, reference.icoeff, reference.per_sample) == \
+        ("dopri8", 1e-7, 0.0, 1.0, True)
+    assert StudyConfig(load_dir="run", out="study").adaptive("tsit5", 1e-4, 1.0).pcoeff == PCOEFF
 
 
 def test_study_config_refuses_bad_settings():

@@ -7,10 +7,11 @@ finite differences. A ripple of amplitude a and angular frequency ω adds a·ω�
 a·ω to |∂v/∂t|, so the second derivative against |v| is what shows a high-frequency ripple.
 
 `time_scale_sweep` trains (or reuses) one digits run per `time_scale` and seed, and puts side by side
-what the issue of the default asked for: the digits evaluator's figures, each solver's observed order
+what choosing the default needed: the digits evaluator's figures, each solver's observed order
 between 16, 32 and 64 steps against a float64 dopri8 reference, dopri5's global error against its
-tolerance, the reference's NFE, the loss by t and the roughness. `experiments/time_scale_sweep.py`
-is its command line.
+tolerance (under Diffrax's I controller, as the sweep was first measured, so that its rows compare
+fields, not controllers), the reference's NFE, the loss by t and the roughness, over the middle of
+[0, 1] and near the data. `experiments/time_scale_sweep.py` is its command line.
 """
 
 from __future__ import annotations
@@ -165,6 +166,7 @@ def measure_run(run_dir: pathlib.Path, cfg: SweepConfig) -> dict[str, Any]:
         load_dir=str(run_dir), out=str(study_dir), solvers=ORDER_SOLVERS, steps=ORDER_STEPS,
         tolerances=DOPRI5_TOLERANCES, num_samples=cfg.num_samples, batch_size=cfg.num_samples, table_steps=(),
         stepping_solvers=(), reference_check_samples=0, plots=False, max_nfe=None,
+        pcoeff=0.0, icoeff=1.0,  # Diffrax's I controller, as the sweep was measured (the field, not the controller)
     ), progress=False)
     rows = study["rows"]
     # the study's grid has every non-Euler solver adaptive too: dopri5's rows at the two tolerances are the ones kept
@@ -234,7 +236,7 @@ def _cell(value, digits=3) -> str:
 def markdown(summary: list[dict[str, Any]]) -> str:
     """The sweep's table: one row per time_scale."""
     head = ["time_scale", *FIGURES, "Heun order 16→32, 32→64",
-            "midpoint order", "Ralston order", "Euler order", "dopri5 error / tol at 1e-3, 1e-4", "reference NFE",
+            "midpoint order", "Ralston order", "Euler order", "dopri5 error / tol at 1e-3, 1e-4 (I controller)", "reference NFE",
             "|∂²v/∂t²| / |v|", "same, t in [0.9, 1]", "loss at t = 0, 0.5, 0.9, 1"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for r in summary:

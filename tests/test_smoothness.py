@@ -58,3 +58,22 @@ def test_observed_orders_are_log2_error_ratios():
             for n, e in ((16, 4e-3), (32, 1e-3), (64, 2.5e-4))]
     assert observed_orders(rows)["heun"] == pytest.approx([2.0, 2.0])
     assert observed_orders(rows)["midpoint"] == [None, None]
+
+
+def test_sweep_passes_train_args_as_one_shell_line(tmp_path):
+    from rfdit.smoothness import SweepConfig, time_scale_sweep
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def train(argv):
+        seen.append(argv)
+        raise Stop
+
+    cfg = SweepConfig(root=str(tmp_path), time_scales=(10.0,), seeds=(1,), train_args="--dequantize 1 --max_steps 8")
+    with pytest.raises(Stop):
+        time_scale_sweep(cfg, train=train)
+    assert seen == [["--save_dir", str(tmp_path / "ts10-s1"), "--seed", "1", "--model.time_scale", "10",
+                     "--overwrite", "1", "--dequantize", "1", "--max_steps", "8"]]

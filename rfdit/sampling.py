@@ -41,6 +41,7 @@ ON_FAILURE = ("raise", "return")
 # errors reach 9-10x their tolerance at 1e-4; this one kept them within 1.4x from 1e-3 to 1e-5 for no more
 # evaluations (docs/sampling_study.md, "Step-size control").
 PCOEFF, ICOEFF = 0.3, 0.4
+DIFFRAX_PCOEFF, DIFFRAX_ICOEFF = 0.0, 1.0  # Diffrax's own default, the I controller
 
 
 class SolveFailed(RuntimeError):

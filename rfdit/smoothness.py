@@ -35,7 +35,7 @@ from .checkpoint import load_model
 from .data.digits import load_digits_split
 from .metrics.digits import FIGURES
 from .flow import interpolate
-from .sampling import model_velocity
+from .sampling import DIFFRAX_ICOEFF, DIFFRAX_PCOEFF, model_velocity
 from .studies import StudyConfig, run_study
 
 ORDER_SOLVERS = ("euler", "midpoint", "heun", "ralston", "dopri5")
@@ -55,6 +55,21 @@ def _velocity_along(model, x0, x1, y, ts):
     return jax.lax.map(at, ts)
 
 
+def _path_velocities(model, x1, labels, t_range, num_points, key):
+    """(ts, h, v): the velocity on a uniform grid of `num_points` in `t_range` along straight paths from
+    noise drawn with `key` (default key 0) to `x1`, in float64 for the differences."""
+    key = jr.key(0) if key is None else key
+    x0 = jr.normal(key, x1.shape)
+    ts = jnp.linspace(*t_range, num_points)
+    v = np.asarray(_velocity_along(model, x0, jnp.asarray(x1), jnp.asarray(labels), ts), np.float64)
+    return np.asarray(ts), float(ts[1] - ts[0]), v
+
+
+def _rms(a: np.ndarray) -> np.ndarray:
+    """RMS over the pixels of each (t, path)."""
+    return np.sqrt(np.mean(np.square(a), axis=tuple(range(2, a.ndim))))
+
+
 def roughness(model, x1: np.ndarray, labels: np.ndarray, *, num_points: int = 401, t_range=(0.05, 0.95),
               key=None) -> dict[str, float]:
     """|v|, |∂v/∂t| and |∂²v/∂t²| (RMS over pixels, median over paths and times) along straight paths.
@@ -63,18 +78,10 @@ def roughness(model, x1: np.ndarray, labels: np.ndarray, *, num_points: int = 40
     float32 round-off in v then contributes about 4·1e-7·|v|/h² ≈ 0.1 to the second difference, far below
     what a ripple gives). Also the ratio |∂²v/∂t²| / |v|, the scale-free figure to compare models by.
     """
-    key = jr.key(0) if key is None else key
-    x0 = jr.normal(key, x1.shape)
-    ts = jnp.linspace(*t_range, num_points)
-    h = float(ts[1] - ts[0])
-    v = np.asarray(_velocity_along(model, x0, jnp.asarray(x1), jnp.asarray(labels), ts), np.float64)
-
-    def rms(a):  # over the pixels of each (t, sample)
-        return np.sqrt(np.mean(np.square(a), axis=tuple(range(2, a.ndim))))
-
+    _, h, v = _path_velocities(model, x1, labels, t_range, num_points, key)
     first = (v[2:] - v[:-2]) / (2 * h)
     second = (v[2:] - 2 * v[1:-1] + v[:-2]) / h**2
-    size, d1, d2 = (float(np.median(rms(a))) for a in (v, first, second))
+    size, d1, d2 = (float(np.median(_rms(a))) for a in (v, first, second))
     return {"v_rms": size, "dv_dt_rms": d1, "d2v_dt2_rms": d2, "d2v_over_v": d2 / size, "h": h,
             "num_paths": int(x1.shape[0]), "num_points": num_points}
 
@@ -84,17 +91,10 @@ def roughness_by_t(model, x1: np.ndarray, labels: np.ndarray, *, bins: int = 10,
     """|∂²v/∂t²| / |v| along the same straight paths over all of [0, 1], median per bin of t ("0.9-1": ...).
 
     `roughness` reports one median over the middle of [0, 1]; this shows where along the path the
-    curvature sits (for a model of quantised data, near t = 1, where the noise left falls below the
-    spacing of the data's levels)."""
-    key = jr.key(0) if key is None else key
-    x0 = jr.normal(key, x1.shape)
-    ts = jnp.linspace(0.0, 1.0, num_points)
-    h = float(ts[1] - ts[0])
-    v = np.asarray(_velocity_along(model, x0, jnp.asarray(x1), jnp.asarray(labels), ts), np.float64)
-    axes = tuple(range(2, v.ndim))
-    ratio = (np.sqrt(np.mean(np.square((v[2:] - 2 * v[1:-1] + v[:-2]) / h**2), axis=axes))
-             / np.sqrt(np.mean(np.square(v[1:-1]), axis=axes)))  # (num_points - 2, paths)
-    inner = np.asarray(ts)[1:-1]
+    curvature sits (on the digits models, in the last tenth, near the data)."""
+    ts, h, v = _path_velocities(model, x1, labels, (0.0, 1.0), num_points, key)
+    ratio = _rms((v[2:] - 2 * v[1:-1] + v[:-2]) / h**2) / _rms(v[1:-1])  # (num_points - 2, paths)
+    inner = ts[1:-1]
     edges = np.linspace(0.0, 1.0, bins + 1)
     out = {}
     for lo, hi in zip(edges, edges[1:]):
@@ -150,14 +150,16 @@ def measure_run(run_dir: pathlib.Path, cfg: SweepConfig) -> dict[str, Any]:
     Kept in the run's smoothness.json (with the settings they were measured with) and reused from there."""
     saved = run_dir / "smoothness.json"
     settings = {"num_samples": cfg.num_samples, "roughness_paths": cfg.roughness_paths}
-    data = load_digits_split()
-    count = cfg.roughness_paths
-    paths = data["test_images"][:count], data["test_labels"][:count]
+
+    def paths():  # the held-out digits the roughness is measured towards
+        data = load_digits_split()
+        return data["test_images"][:cfg.roughness_paths], data["test_labels"][:cfg.roughness_paths]
+
     if saved.exists():
         measured = json.loads(saved.read_text())
         if measured.get("settings") == settings:
             if "roughness_by_t" not in measured:  # measured before the profile existed: add it
-                measured["roughness_by_t"] = roughness_by_t(load_model(str(run_dir))[0], *paths)
+                measured["roughness_by_t"] = roughness_by_t(load_model(str(run_dir))[0], *paths())
                 saved.write_text(json.dumps(measured, indent=2))
             measured["dopri5_error_over_tol"] = {float(k): v for k, v in measured["dopri5_error_over_tol"].items()}
             return measured
@@ -166,7 +168,7 @@ def measure_run(run_dir: pathlib.Path, cfg: SweepConfig) -> dict[str, Any]:
         load_dir=str(run_dir), out=str(study_dir), solvers=ORDER_SOLVERS, steps=ORDER_STEPS,
         tolerances=DOPRI5_TOLERANCES, num_samples=cfg.num_samples, batch_size=cfg.num_samples, table_steps=(),
         stepping_solvers=(), reference_check_samples=0, plots=False, max_nfe=None,
-        pcoeff=0.0, icoeff=1.0,  # Diffrax's I controller, as the sweep was measured (the field, not the controller)
+        pcoeff=DIFFRAX_PCOEFF, icoeff=DIFFRAX_ICOEFF,  # as the sweep was measured: rows compare fields, not controllers
     ), progress=False)
     rows = study["rows"]
     # the study's grid has every non-Euler solver adaptive too: dopri5's rows at the two tolerances are the ones kept
@@ -174,7 +176,8 @@ def measure_run(run_dir: pathlib.Path, cfg: SweepConfig) -> dict[str, Any]:
               if r["section"] == "grid" and r["solver"] == "dopri5" and r["rtol"] is not None and r["rms_error"]}
     reference = next(r for r in rows if r["section"] == "reference")
     model, _ = load_model(str(run_dir))
-    rough = roughness(model, *paths)
+    held_out = paths()
+    rough = roughness(model, *held_out)
     evaluation = json.loads((run_dir / "eval.json").read_text())
     measured = {
         "settings": settings,
@@ -189,7 +192,7 @@ def measure_run(run_dir: pathlib.Path, cfg: SweepConfig) -> dict[str, Any]:
         "reference_quality": {k: reference.get(k) for k in FIGURES},
         "loss_by_t": last_loss_by_t(run_dir),
         "roughness": rough,
-        "roughness_by_t": roughness_by_t(model, *paths),
+        "roughness_by_t": roughness_by_t(model, *held_out),
     }
     saved.write_text(json.dumps(measured, indent=2))
     return measured

@@ -54,7 +54,7 @@ from .config import SamplerConfig
 from .metrics.digits import FIGURES, DigitsEvaluator
 from .metrics.fid import compute_statistics, fid_inception, frechet_distance, load_statistics
 from .plots import _pyplot
-from .sampling import ICOEFF, PCOEFF, SOLVERS, SolverName, evaluations_per_step, sample
+from .sampling import DIFFRAX_ICOEFF, DIFFRAX_PCOEFF, ICOEFF, PCOEFF, SOLVERS, SolverName, evaluations_per_step, sample
 
 
 COLUMNS = (
@@ -180,7 +180,8 @@ class StudyConfig:
         # (the floor check below measures the reference itself), the PI controller costs it 15-80% more
         # evaluations, and the reference's NFE is the sweep's smoothness figure, measured so.
         return SamplerConfig(solver=self.reference_solver, num_steps=None, rtol=self.reference_tol,
-                             atol=self.reference_tol, pcoeff=0.0, icoeff=1.0, cfg_scale=setting.cfg_scale,
+                             atol=self.reference_tol, pcoeff=DIFFRAX_PCOEFF, icoeff=DIFFRAX_ICOEFF,
+                             cfg_scale=setting.cfg_scale,
                              guidance_interval=setting.guidance_interval, per_sample=True,
                              max_steps=16 * self.max_steps)
 

@@ -31,7 +31,7 @@ EXPORT_V2_EXPECTED = FIXTURE.parent / "export_v2_expected.npz"
 FLAGS = ["--batch_size", "32", "--model.hidden_size", "16", "--model.depth", "1", "--model.num_heads", "2",
          "--model.mlp_ratio", "1", "--model.denoise_timesteps", "4", "--eval_interval", "100000",
          "--save_interval", "100000", "--steps_per_call", "5", "--log_interval", "5",
-         "--model.time_scale", "1000"]  # the default of 0.1.0, which wrote the fixture
+         "--model.time_scale", "1000", "--dequantize", "0"]  # the defaults of 0.1.0, which wrote the fixture
 # the same key, labels and settings in every version; images compared to a float32 tolerance, not bit for bit
 SAMPLE_SETTINGS = dict(solver="euler", num_steps=4, cfg_scale=1.0, batch_size=10, progress=False)
 TOLERANCE = dict(rtol=1e-4, atol=1e-5)

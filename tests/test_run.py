@@ -96,6 +96,19 @@ def test_dequantize_adds_one_level_of_the_data_sets_own_quantisation(dataset, wi
     assert abs(noise.std() - width / np.sqrt(12)) < 0.03 * width
 
 
+def test_dequantize_defaults_to_the_data_sets_then_to_the_resumed_runs(tmp_path):
+    assert resolve(parse_args([])).data.dequantize  # digits: one level of its 17
+    assert not resolve(parse_args(["--dataset_name", "cifar10"])).data.dequantize
+    assert not resolve(parse_args(["--dataset_name", "imagenet256"])).data.dequantize  # latents: no pixel levels
+    assert not resolve(parse_args(["--model.use_stable_vae", "1", "--image_size", "32"])).data.dequantize
+    # a run started before the default changed resumes as it was trained, without the flag
+    (tmp_path / "checkpoints").mkdir()
+    for saved, expected in [({"dequantize": False}, False), ({"dequantize": True}, True), ({}, False)]:
+        (tmp_path / "config.json").write_text(json.dumps(saved))
+        assert resolve(parse_args(["--load_dir", str(tmp_path)])).data.dequantize is expected, saved
+    assert resolve(parse_args(["--load_dir", str(tmp_path), "--dequantize", "1"])).data.dequantize
+
+
 def test_dequantize_is_refused_on_latent_runs():
     with pytest.raises(ValueError, match="latents, which have no pixel levels"):
         resolve(parse_args(["--dataset_name", "imagenet256", "--dequantize", "1"]))

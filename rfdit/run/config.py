@@ -65,6 +65,7 @@ class DatasetDefaults:
     lr: float = 1e-4
     warmup_steps: int = 0
     t_sampler: str = "log-normal"
+    dequantize: bool = False
 
 
 # The embedded default: small enough that training, compilation and evaluation take
@@ -76,7 +77,7 @@ DATASETS: dict[str, DatasetDefaults] = {
     "digits": DatasetDefaults(image_size=8, channels=1, num_classes=10, batch_size=128, preset=None,
                               architecture=DIGITS_ARCHITECTURE, max_steps=4000, log_interval=100, eval_interval=2000,
                               save_interval=2000, cfg_scale=1.0, steps_per_call=10, lr=1e-3, warmup_steps=200,
-                              t_sampler="uniform"),
+                              t_sampler="uniform", dequantize=True),
     "cifar10": DatasetDefaults(image_size=32, channels=3, num_classes=10, batch_size=128),
     "cifar100": DatasetDefaults(image_size=32, channels=3, num_classes=100, batch_size=128),
     "tiny-imagenet": DatasetDefaults(image_size=64, channels=3, num_classes=200, batch_size=64),
@@ -171,9 +172,10 @@ class TrainArgs:
     """1: with --load_dir, rename damaged checkpoints unreadable-<step> and resume from the newest good one"""
     fid_stats: str | None = None
     debug_overfit: Literal[0, 1] = 0
-    dequantize: Literal[0, 1] = 0
+    dequantize: Literal[0, 1] | None = None
     """add uniform noise of one pixel level to training images: 2/16 for digits (17 levels), 2/255 for 8-bit
-    images; pixel-space runs only"""
+    images; pixel-space runs only. The data set's default (digits 1, others 0), or with --load_dir the
+    resumed run's"""
     use_stable_vae: Literal[0, 1] | None = None
     """the original's top-level spelling of --model.use_stable_vae"""
     steps_per_call: int | None = None
@@ -359,12 +361,15 @@ def resolve(args: TrainArgs) -> RunConfig:
         architecture = dict(PRESETS[m.preset or defaults.preset])
     explicit = {k: getattr(m, k) for k in ("hidden_size", "patch_size", "depth", "num_heads", "mlp_ratio")
                 if getattr(m, k) is not None}
+    time_scale = m.time_scale
+    if time_scale is None:
+        time_scale = _resumed(args.load_dir, ("model", "time_scale"), DiTConfig.time_scale)
     model = DiTConfig(
         **{**architecture, **explicit},
         image_size=image_size,
         in_channels=channels,
         num_classes=m.num_classes or num_classes,
-        time_scale=m.time_scale if m.time_scale is not None else _resumed_time_scale(args.load_dir),
+        time_scale=time_scale,
         t_conditioning=bool(m.t_conditioning),
     )
     flow = FlowConfig(t_sampler=m.t_sampler or defaults.t_sampler, class_dropout_prob=m.class_dropout_prob,
@@ -386,6 +391,9 @@ def resolve(args: TrainArgs) -> RunConfig:
     if args.keep_checkpoints < 1:
         raise ValueError(f"--keep_checkpoints (={args.keep_checkpoints}) must be at least 1: a run keeps its newest "
                          "checkpoints to resume from.")
+    dequantize = args.dequantize
+    if dequantize is None:
+        dequantize = _resumed(args.load_dir, ("dequantize",), defaults.dequantize and not use_vae, absent=False)
     if args.dequantize and (use_vae or args.dataset_name == "latents"):
         raise ValueError("--dequantize 1 adds noise of one pixel level to training images; this run trains on VAE "
                          "latents, which have no pixel levels. Drop --dequantize (or train in pixel space with "
@@ -395,7 +403,7 @@ def resolve(args: TrainArgs) -> RunConfig:
     data = DataConfig(
         name=args.dataset_name, path=args.dataset_path, tfds_data_dir=args.tfds_data_dir, image_size=data_size,
         channels=defaults.channels, batch_size=batch_size, debug_overfit=bool(args.debug_overfit),
-        dequantize=bool(args.dequantize), use_stable_vae=use_vae, vae_path=vae_path, fid_stats=args.fid_stats,
+        dequantize=bool(dequantize), use_stable_vae=use_vae, vae_path=vae_path, fid_stats=args.fid_stats,
         explicit_num_classes=m.num_classes is not None,
     )
     execution = ExecutionConfig(
@@ -456,17 +464,23 @@ def changed_settings(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[s
     return changes
 
 
-def _resumed_time_scale(load_dir: str | None) -> float:
-    """The time_scale a resumed run was trained with (its config.json), so that a run started before a change
-    of the default resumes without the flag; DiTConfig's default for a new run."""
-    default = DiTConfig.time_scale
+def _resumed(load_dir: str | None, path: tuple[str, ...], default: Any, absent: Any = None) -> Any:
+    """A setting a resumed run was trained with (its config.json, at `path`), so that a run started before a
+    change of the default resumes without the flag; `default` for a new run, `absent` (default: `default`)
+    for a config.json written before the setting existed."""
     if load_dir is None:
         return default
     saved = checkpoint_dir(load_dir).parent / "config.json"
     try:
-        return float(json.loads(saved.read_text())["model"]["time_scale"])
-    except (OSError, ValueError, KeyError, TypeError):
+        value = json.loads(saved.read_text())
+    except (OSError, ValueError):
         return default  # no readable config.json: the checkpoint's own check says what differs
+    try:
+        for key in path:
+            value = value[key]
+    except (KeyError, TypeError):
+        return default if absent is None else absent
+    return type(default)(value)
 
 
 def check_resume(saved: dict[str, Any], run: RunConfig, allow_change: str | None, source: str) -> None:

@@ -91,10 +91,12 @@ def resolve_grad_accum(grad_accum: int | None, model, batch_size: int) -> int:
 class TrainStep:
     """One compiled training step (or `steps_per_call` steps scanned in one call).
 
-    The filtered-jit pattern: the state is split by `eqx.partition` into arrays and
-    static parts once; `jax.jit` compiles a function of the arrays alone, donating the
-    old state's buffers. Nothing synchronises with the host: metrics come back as
-    device arrays, and only logging should call `.item()` on them.
+    The filtered-jit pattern: the state's leaves are split into arrays and static parts
+    once; `jax.jit` compiles a function of the arrays alone, donating the old state's
+    buffers. Each call flattens the state to its leaves and passes the arrays as a flat
+    list, which costs about a tenth of `eqx.partition` and `eqx.combine` on the host
+    (BENCHMARKS.md, "the step's host overhead"). Nothing synchronises with the host:
+    metrics come back as device arrays, and only logging should call `.item()` on them.
 
     Call it as `state, metrics = step(state, images, labels)`. With `steps_per_call=K`
     images and labels carry a leading axis of K batches, and each metric has shape (K,).
@@ -122,7 +124,9 @@ class TrainStep:
         resolve_grad_accum(grad_accum, None, 1)  # a bad value fails here, not at the first call
         self.optimizer, self.flow, self.optim = optimizer, flow, optim
         self.num_classes, self.steps_per_call, self.grad_accum = num_classes, steps_per_call, grad_accum
-        self._static = None
+        self._treedef = None  # the state's structure, its array mask and static leaves: fixed by the first call
+        self._is_array: list[bool] = []
+        self._static_leaves: list = []
         self._shardings = None
         fn = self._arrays_step
         if max_traces is not None:
@@ -185,8 +189,26 @@ class TrainStep:
         """How many micro-batches this step splits a batch of `batch_size` into (`resolve_grad_accum`)."""
         return resolve_grad_accum(self.grad_accum, model, batch_size)
 
+    def arrays(self, state: TrainState) -> list:
+        """The state's array leaves in order: what the compiled step (`lower(...).compile()`) takes and returns
+        in the state's place. The first state fixes the structure every later one must have."""
+        leaves, treedef = jax.tree_util.tree_flatten(state)
+        if self._treedef is None:
+            self._treedef = treedef
+            self._is_array = [eqx.is_array(x) for x in leaves]
+            self._static_leaves = [x for x, a in zip(leaves, self._is_array) if not a]
+        elif treedef != self._treedef:
+            raise ValueError("this TrainStep was first called with a state of another structure (a different model, "
+                             "optimizer or dtype); make a new TrainStep for it.")
+        return [x for x, a in zip(leaves, self._is_array) if a]
+
+    def _state(self, arrays: list) -> TrainState:
+        """The state whose array leaves are `arrays` (the inverse of `_arrays`)."""
+        arrays, static = iter(arrays), iter(self._static_leaves)
+        return jax.tree_util.tree_unflatten(self._treedef, [next(arrays) if a else next(static) for a in self._is_array])
+
     def _arrays_step(self, arrays, images, labels):
-        state = eqx.combine(arrays, self._static)
+        state = self._state(arrays)
         if self.steps_per_call == 1:
             state, metrics = self._one_step(state, images, labels)
         else:
@@ -194,42 +216,35 @@ class TrainStep:
                 return self._one_step(state, *batch)
 
             state, metrics = jax.lax.scan(body, state, (images, labels))
-        arrays = eqx.filter(state, eqx.is_array)
+        arrays = [x for x, a in zip(jax.tree_util.tree_leaves(state), self._is_array) if a]
         if self._shardings is not None:  # keep the state where it was: replicated or FSDP-sharded
-            arrays = jax.tree_util.tree_map(
-                lambda x, s: jax.lax.with_sharding_constraint(x, s) if s is not None else x, arrays, self._shardings
-            )
+            arrays = [jax.lax.with_sharding_constraint(x, s) if s is not None else x
+                      for x, s in zip(arrays, self._shardings)]
         return arrays, metrics
 
     def lower(self, state: TrainState, images, labels):
         """The step lowered for these inputs (e.g. `.compile().memory_analysis()`), without running it."""
-        arrays, static = eqx.partition(state, eqx.is_array)
-        if self._static is None:
-            self._static = static
-        return self._jitted.lower(arrays, images, labels)
+        return self._jitted.lower(self.arrays(state), images, labels)
 
     def compile(self, state: TrainState, images, labels, *, compiler_options: dict | None = None):
         """The step compiled ahead of time for these inputs' shapes, with XLA `compiler_options` for
         this executable alone (e.g. `{"xla_cpu_enable_fast_math": True}`). Call it as the step
         itself, `state, metrics = compiled(state, images, labels)`; it donates the state's buffers."""
         compiled = self.lower(state, images, labels).compile(compiler_options=compiler_options or None)
-        static = self._static
 
         def compiled_step(state: TrainState, images, labels) -> tuple[TrainState, dict[str, Array]]:
-            new_arrays, metrics = compiled(eqx.partition(state, eqx.is_array)[0], images, labels)
-            return eqx.combine(new_arrays, static), metrics
+            new_arrays, metrics = compiled(self.arrays(state), images, labels)
+            return self._state(new_arrays), metrics
 
         return compiled_step
 
     def __call__(
         self, state: TrainState, images: Float[Array, "..."], labels: Int[Array, "..."]
     ) -> tuple[TrainState, dict[str, Array]]:
-        arrays, static = eqx.partition(state, eqx.is_array)
-        if self._static is None:
-            self._static = static
-            self._shardings = jax.tree_util.tree_map(
-                lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) else None, arrays
-            )
+        arrays = self.arrays(state)
+        if self._shardings is None:
+            self._shardings = [x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) else None
+                               for x in arrays]
         expected = images.ndim == (5 if self.steps_per_call > 1 else 4)
         if not expected:
             raise ValueError(
@@ -237,4 +252,4 @@ class TrainStep:
                 f"for steps_per_call={self.steps_per_call}; got {images.shape}."
             )
         new_arrays, metrics = self._jitted(arrays, images, labels)
-        return eqx.combine(new_arrays, self._static), metrics
+        return self._state(new_arrays), metrics

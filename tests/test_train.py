@@ -62,6 +62,23 @@ def test_train_step_rejects_wrong_batch_rank():
         step(state, jnp.zeros((4, 8, 8, 1)), jnp.zeros((4,), jnp.int32))
 
 
+def test_compiled_step_is_the_step_and_a_state_of_another_structure_is_refused():
+    state, step, batches = digits_setup(jr.key(3))
+    images, labels = (jnp.asarray(x) for x in batches.batch(0))
+    twin = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, state)  # donated below
+    compiled = step.compile(state, images, labels)
+    by_step, _ = step(state, images, labels)
+    by_compiled, _ = compiled(twin, images, labels)
+    assert jax.tree_util.tree_structure(by_compiled) == jax.tree_util.tree_structure(by_step)
+    for a, b in zip(step.arrays(by_step), step.arrays(by_compiled)):
+        if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a, b = jr.key_data(a), jr.key_data(b)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    other, _, _ = digits_setup(jr.key(4), optim=rfdit.OptimConfig(lr=1e-3, grad_clip=1.0))  # a chained optimizer
+    with pytest.raises(ValueError, match="state of another structure"):
+        step(other, images, labels)
+
+
 def test_ema_warmup_closed_form():
     decays = [float(ema_decay_at(jnp.asarray(n), 0.9999, True)) for n in (0, 1, 10, 10**6)]
     assert decays[0] == pytest.approx(0.1) and decays[1] == pytest.approx(2 / 11)

@@ -30,7 +30,6 @@ import tempfile
 import time
 from typing import Literal
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -229,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
         # last: the profiled calls donate the state's buffers
         options = {"xla_cpu_enable_xprof_traceme": True} if device.platform == "cpu" else {}
         compiled = step.lower(holder[0], images, labels).compile(compiler_options=options)
-        arrays = [eqx.filter(holder[0], eqx.is_array)]
+        arrays = [step.arrays(holder[0])]
 
         def profiled_call():
             arrays[0], m = compiled(arrays[0], images, labels)

@@ -203,7 +203,7 @@ class TrainStep:
         return [x for x, a in zip(leaves, self._is_array) if a]
 
     def _state(self, arrays: list) -> TrainState:
-        """The state whose array leaves are `arrays` (the inverse of `_arrays`)."""
+        """The state whose array leaves are `arrays` (the inverse of `arrays`)."""
         arrays, static = iter(arrays), iter(self._static_leaves)
         return jax.tree_util.tree_unflatten(self._treedef, [next(arrays) if a else next(static) for a in self._is_array])
 

@@ -94,7 +94,7 @@ class TrainStep:
     The filtered-jit pattern: the state's leaves are split into arrays and static parts
     once; `jax.jit` compiles a function of the arrays alone, donating the old state's
     buffers. Each call flattens the state to its leaves and passes the arrays as a flat
-    list, which costs about a tenth of `eqx.partition` and `eqx.combine` on the host
+    list, which costs about a seventh of `eqx.partition` and `eqx.combine` on the host
     (BENCHMARKS.md, "the step's host overhead"). Nothing synchronises with the host:
     metrics come back as device arrays, and only logging should call `.item()` on them.
 

@@ -125,3 +125,11 @@ def test_bench_products_times_every_variant():
     assert set(result["matmul_tflops"]) == {"float32", "bf16 -> float32", "bf16 -> bf16", "float32 x bf16 -> float32"}
     assert len(result["linear_ms"]) == 4 and len(result["attention_ms"]) == 2
     assert all(v > 0 for group in ("matmul_tflops", "linear_ms", "attention_ms") for v in result[group].values())
+
+
+def test_bench_host_times_each_part_of_the_call():
+    result = load_script("benchmarks/bench_host").main(["--calls", "3", "--rounds", "1"])
+    assert result["leaves"] > 10
+    assert set(result["us_per_call"]) == {"eqx.partition", "eqx.combine", "TrainStep.arrays", "TrainStep rebuild",
+                                          "jit dispatch, donated"}
+    assert all(us > 0 for us in result["us_per_call"].values())

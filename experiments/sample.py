@@ -96,8 +96,8 @@ def run(args: SampleArgs) -> dict[str, Any]:
     model, config, vae = load_for_sampling(args.load_dir, args.vae)
     settings = resolve_sampler(config, solver=args.solver, num_steps=args.num_steps, rtol=args.rtol,
                                atol=args.atol, cfg_scale=args.cfg_scale, time_shift=args.time_shift,
+                               guidance_interval=args.guidance_interval, cfg_channels=args.cfg_channels,
                                **args.controller())
-    settings = settings.replace(guidance_interval=args.guidance_interval, cfg_channels=args.cfg_channels)
     num_classes = model.config.num_classes
     if args.labels is not None:
         labels = np.asarray(args.labels, np.int32)
@@ -118,8 +118,8 @@ def run(args: SampleArgs) -> dict[str, Any]:
     report = {
         "load_dir": str(args.load_dir), "seed": args.seed, "num_samples": len(images),
         "labels": "given" if args.labels is not None else f"uniform over {num_classes} classes",
-        "sampler": settings.to_dict(), "guidance_interval": args.guidance_interval,
-        "cfg_channels": args.cfg_channels, "vae": None if vae is None else (args.vae or "from the config"),
+        "sampler": settings.to_dict(), "guidance_interval": settings.guidance_interval,
+        "cfg_channels": settings.cfg_channels, "vae": None if vae is None else (args.vae or "from the config"),
         **stats,
     }
     (out / "sample.json").write_text(json.dumps(report, indent=2))

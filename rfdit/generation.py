@@ -186,6 +186,10 @@ def generate_kwargs(settings: SamplerConfig) -> dict[str, Any]:
     return kwargs
 
 
+SDE_SETTINGS = ("diffusion", "diffusion_norm", "sample_eps", "last_step", "last_step_size")
+"""SamplerConfig's SDE settings: `resolve_sampler` takes each from its arguments, else the saved sampler."""
+
+
 def resolve_sampler(
     config: dict[str, Any] | None = None,
     *,
@@ -200,14 +204,20 @@ def resolve_sampler(
     dtmin: float | None = None,
     dtmax: float | None = None,
     max_steps: int | None = None,
+    guidance_interval: tuple[float, float] | None = None,
+    cfg_channels: int | None = None,
     **sde: Any,
 ) -> SamplerConfig:
     """Sampler settings from explicit values and the config's saved `sampler` (a training run's defaults).
 
     `rtol`/`atol` select adaptive steps and `num_steps` fixed ones; giving both is an error. With neither,
-    the saved sampler's choice is used, else `DEFAULT_NUM_STEPS` fixed steps.
+    the saved sampler's choice is used, else `DEFAULT_NUM_STEPS` fixed steps. Every other setting left None
+    (the controller's, the guidance interval and channels, the SDE's in `sde`) takes the saved value, else
+    SamplerConfig's default.
     """
     saved = (config or {}).get("sampler") or {}
+    sde = {name: saved[name] for name in SDE_SETTINGS if saved.get(name) is not None} | \
+        {name: value for name, value in sde.items() if value is not None}
     solver = solver or saved.get("solver") or "euler"
     names = SOLVERS if sde.get("diffusion") is None else SDE_SOLVERS
     if solver not in names:
@@ -242,11 +252,13 @@ def resolve_sampler(
     cfg_scale = saved.get("cfg_scale", 1.0) if cfg_scale is None else cfg_scale
     controller = {name: saved.get(name, getattr(SamplerConfig, name)) if value is None else value
                   for name, value in dict(pcoeff=pcoeff, icoeff=icoeff, dtmin=dtmin, dtmax=dtmax,
-                                          max_steps=max_steps).items()}
+                                          max_steps=max_steps, cfg_channels=cfg_channels).items()}
+    if guidance_interval is None and saved.get("guidance_interval") is not None:
+        guidance_interval = tuple(saved["guidance_interval"])
     return SamplerConfig(
         solver=solver, num_steps=num_steps, rtol=None if rtol is None else float(rtol),
         atol=None if atol is None else float(atol), cfg_scale=float(cfg_scale), time_shift=float(time_shift),
-        **controller, **sde,
+        guidance_interval=guidance_interval, **controller, **sde,
     )
 
 

@@ -35,6 +35,13 @@ SolverName = Literal[tuple(SOLVERS)]  # type: ignore[valid-type]  # the names, f
 
 ON_FAILURE = ("raise", "return")
 
+NONFINITE = int(dfx.RESULTS.nonfinite._value)
+"""`stats["result"]` of a solve whose final state holds NaN or inf (Diffrax's own code for it). Diffrax
+flags a non-finite state only in adaptive solves, where it rejects the step; a fixed-step solve runs
+on to t1 and reports success, so `solve` checks the final state itself."""
+NONFINITE_MESSAGE = ("The solve's final state holds NaN or inf (the field diverged, or the model's parameters are "
+                     "non-finite); rfdit.solve(..., on_failure='return') gives the partial result.")
+
 # The adaptive solve's step-size controller by default: a PI controller, inside the range Diffrax suggests for
 # moderately difficult ODEs (pcoeff >= 0.2, icoeff >= 0.3, their sum <= 0.7), rather than Diffrax's own default
 # I controller (pcoeff 0, icoeff 1). On the digits default, the I controller let dopri5's and tsit5's global
@@ -236,8 +243,9 @@ def solve(
         jump_ts: times where the field jumps (the guidance interval's ends): an adaptive solve steps
             to them exactly instead of rejecting steps to find them.
         max_steps: the most steps an adaptive solve attempts.
-        on_failure: "raise" (the default) stops a solve that does not reach t1 with Diffrax's error,
-            inside a jit too; "return" gives the partial state, with `stats["result"]` nonzero.
+        on_failure: "raise" (the default) stops a solve that does not reach t1, or whose final state is
+            not finite, with Diffrax's error or `NONFINITE_MESSAGE`, inside a jit too; "return" gives the
+            partial state, with `stats["result"]` nonzero (`NONFINITE` for a non-finite state).
         diffusion: None solves the ODE. A `Diffusion` w(t) solves the SDE with the same marginals,
             dX = (v + w·∇log p_t) dt + √(2w) dW with ∇log p_t = -(x - t·v)/(1 - t) (see `rfdit.sde`),
             as `MultiTerm(ODETerm, ControlTerm)` over a `VirtualBrownianTree`. `solver` is then a name
@@ -341,6 +349,10 @@ def solve(
         stepped = sde.last_step(last_step, field, diffusion, sol.ts[-1], x1, last_step_size)
         x1 = jax.tree_util.tree_map(lambda a, b: jnp.where(reached, a, b), stepped, x1)
         stats["t_reached"] = jnp.where(reached, sol.ts[-1] + last_step_size, sol.ts[-1])
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(y)) for y in jax.tree_util.tree_leaves(x1)]))
+    stats["result"] = jnp.where((stats["result"] == 0) & ~finite, NONFINITE, stats["result"])
+    if on_failure == "raise":
+        x1 = eqx.error_if(x1, ~finite, NONFINITE_MESSAGE)
     return x1, stats
 
 
@@ -379,18 +391,25 @@ def _check_sde_interval(diffusion, t0, t_end, t1, last_step, last_step_size):
 def failure_message(
     stats: dict, *, solver, rtol=None, atol=None, max_steps=None, stepsize_controller=None, t1: float = 1.0
 ) -> str | None:
-    """None if every solve in `stats` reached its end, else one line that names the solver, its
-    tolerances and max_steps, how many solves failed, the earliest time reached and Diffrax's reason."""
+    """None if every solve in `stats` reached its end with a finite state, else one line that names the
+    solver, its tolerances and max_steps, how many solves failed, the earliest time reached and Diffrax's
+    reason. A per-sample `stats["failed"]` (from `sample`) counts the samples; else `stats["result"]`."""
     result = np.asarray(stats["result"])
-    failed = result != 0
+    failed = np.asarray(stats["failed"]) if "failed" in stats else result != 0
     if not failed.any():
         return None
+    result = np.broadcast_to(result, failed.shape)
     reached = np.asarray(stats["t_reached"])
     reached = reached[failed] if reached.shape == failed.shape else reached
     code = int(result[failed].reshape(-1)[0])
     reason = dfx.RESULTS._index_to_message[code] if 0 <= code < len(dfx.RESULTS._index_to_message) else f"code {code}"
     how = f"rtol={rtol}, atol={atol}" if stepsize_controller is None else f"stepsize_controller={stepsize_controller}"
     count = f"{int(failed.sum())} of {failed.size} solves" if failed.size > 1 else "the solve"
+    if code == NONFINITE:
+        return (f"The {solver_name(solver)} solve ({how}, max_steps={max_steps}) ended with NaN or inf in {count}: "
+                "the field diverged (a cfg_scale too large, too few steps for the solver) or the model's parameters "
+                "are non-finite. Check the checkpoint, lower cfg_scale or take more steps; on_failure='return' "
+                "gives the partial result.")
     furthest_behind = np.min(reached) if t1 >= 0.5 else np.max(reached)  # forwards to 1 or backwards to 0
     return (f"The {solver_name(solver)} solve ({how}, max_steps={max_steps}) stopped before t={t1:g}: {count} reached "
             f"only t={float(furthest_behind):.4g}. Diffrax: {reason} Raise max_steps, loosen the tolerances or use "
@@ -499,9 +518,9 @@ def sample(
     per-sample stepping (`per_sample=True`, each sample its own steps and NFE) costs
     at least as much wall time on batched hardware; it exists for sampling studies.
 
-    A solve that does not reach t = 1 raises `SolveFailed` (checked on the host, naming the solver,
-    its tolerances, max_steps and the time reached); `on_failure="return"` gives the partial
-    images, with `stats["result"]` and a per-sample `stats["failed"]`.
+    A solve that does not reach t = 1, or ends with NaN or inf, raises `SolveFailed` (checked on the
+    host, naming the solver, its tolerances, max_steps and the time reached); `on_failure="return"`
+    gives the partial images, with `stats["result"]` and a per-sample `stats["failed"]`.
 
     `diffusion` (a `Diffusion`), `last_step`, `last_step_size` and `key` sample the SDE with the
     flow's marginals instead (see `solve`); `t0` is where the noise starts (SBDM needs t0 > 0, SiT's
@@ -538,7 +557,10 @@ def sample(
     )
     images, stats = _sample(model, noise, labels, scale, keys, solver_kwargs, guidance_interval, cfg_channels,
                             per_sample)
-    stats = dict(stats, failed=jnp.broadcast_to(stats["result"] != 0, labels.shape))
+    result = jnp.broadcast_to(stats["result"], labels.shape)
+    # one non-finite sample makes a batch's solve NONFINITE; flag the samples that are
+    finite = jnp.all(jnp.isfinite(images), axis=tuple(range(1, images.ndim)))
+    stats = dict(stats, failed=jnp.where(result == NONFINITE, ~finite, result != 0))
     if on_failure == "raise":
         message = failure_message(stats, solver=solver, rtol=rtol, atol=atol, max_steps=max_steps,
                                   stepsize_controller=stepsize_controller)

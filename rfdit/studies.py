@@ -40,13 +40,14 @@ import os
 import pathlib
 import platform
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import tyro
 
 from . import sde
 from .checkpoint import load_model
@@ -79,7 +80,7 @@ class StudyConfig:
     """a run folder, its checkpoints/ folder, or an export folder"""
     out: str
     """output folder (study.csv, study.json, study.md, plots)"""
-    solvers: tuple[SolverName, ...] = ("euler", "midpoint", "heun", "ralston", "tsit5", "dopri5", "dopri8")
+    solvers: tuple[SolverName, ...] = tuple(SOLVERS)
     """solvers of the grid"""
     steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 500)
     """step counts for every solver (fixed steps; Euler only steps this way)"""
@@ -109,8 +110,9 @@ class StudyConfig:
     """the adaptive rows' smallest step (a solve that needs less fails)"""
     dtmax: float | None = None
     """the adaptive rows' largest step"""
-    diffusions: tuple[str, ...] = ()
-    """SDE rows: diffusion forms of rfdit.Diffusion (e.g. sigma increasing-decreasing); none: the ODE only"""
+    diffusions: Annotated[tuple[str, ...], tyro.conf.arg(aliases=("--diffusion",))] = ()
+    """SDE rows: diffusion forms of rfdit.Diffusion (e.g. sigma increasing-decreasing); none: the ODE only.
+    --diffusion is the same flag, as sample.py and eval_fid.py spell it"""
     sde_solvers: tuple[str, ...] = ("euler",)
     """the SDE rows' solvers (euler: Euler-Maruyama; heun, sea, shark, sra1)"""
     sde_steps: tuple[int, ...] = (32, 64, 128, 250)
@@ -230,7 +232,8 @@ def _solve_batch(params, noise, labels, scale, keys, *, static, setting: Sampler
         kwargs["key"] = keys  # one key per sample: its Brownian path whatever batch it is drawn in
     # a failed solve is recorded in the table (num_failed) and left out of its averages, not raised
     images, stats = sample(eqx.combine(params, static), noise, labels, on_failure="return", **kwargs)
-    return images, *[jnp.broadcast_to(stats[k], labels.shape) for k in ("nfe", "num_rejected_steps", "result")]
+    nfe, rejected, result = (jnp.broadcast_to(stats[k], labels.shape) for k in ("nfe", "num_rejected_steps", "result"))
+    return images, nfe, rejected, jnp.where(stats["failed"], result, 0)  # a non-finite sample fails alone
 
 
 class _Sampler:

@@ -189,6 +189,13 @@ def test_resolve_sampler_explicit_beats_saved_beats_default():
         resolve_sampler(saved, solver="tsit5", rtol=1e-3, time_shift=3.0)
     with pytest.raises(ValueError, match="valid solvers"):
         resolve_sampler(saved, solver="rk4")
+    # the guidance interval and channels and the SDE's settings: explicit, else saved, else the default
+    sde = rfdit.SamplerConfig(solver="shark", num_steps=20, guidance_interval=(0.2, 0.8), cfg_channels=3,
+                              diffusion="sigma", diffusion_norm=0.5, last_step="mean", last_step_size=0.02)
+    restored = {"sampler": json.loads(json.dumps(sde.to_dict()))}
+    assert resolve_sampler(restored) == sde
+    assert resolve_sampler(restored, guidance_interval=(0.1, 0.9), cfg_channels=1, diffusion_norm=2.0) == \
+        sde.replace(guidance_interval=(0.1, 0.9), cfg_channels=1, diffusion_norm=2.0)
 
 
 def test_vae_source_reads_config_key_names():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import rfdit
-from rfdit.sampling import ICOEFF, PCOEFF, SOLVERS, SolveFailed, guided_field, model_velocity, time_grid
+from rfdit.sampling import ICOEFF, NONFINITE, PCOEFF, SOLVERS, SolveFailed, guided_field, model_velocity, time_grid
 
 ADAPTIVE = [s for s in SOLVERS if s != "euler"]
 
@@ -142,6 +142,18 @@ def test_stepsize_controller_object_is_honoured():
     assert (int(explicit["num_steps"]), int(explicit["num_rejected_steps"])) == \
         (int(default["num_steps"]), int(default["num_rejected_steps"]))
     assert (PCOEFF, ICOEFF) != (0.0, 1.0) and rfdit.SamplerConfig().pcoeff == PCOEFF
+    # coefficients other than rfdit's: the steps of Diffrax's own solve with the same controller
+    counts = set()
+    for pcoeff, icoeff in ((0.0, 1.0), (0.2, 0.5), (0.4, 0.3)):
+        other = dfx.PIDController(rtol=1e-5, atol=1e-5, pcoeff=pcoeff, icoeff=icoeff)
+        _, ours = rfdit.solve(lambda t, x: -4.0 * x * jnp.cos(8 * t), jnp.ones(3), solver="dopri5",
+                              stepsize_controller=other)
+        theirs = dfx.diffeqsolve(dfx.ODETerm(lambda t, x, args: -4.0 * x * jnp.cos(8 * t)), dfx.Dopri5(), 0.0, 1.0,
+                                 1 / 64, jnp.ones(3), stepsize_controller=other).stats
+        assert (int(ours["num_accepted_steps"]), int(ours["num_rejected_steps"])) == \
+            (int(theirs["num_accepted_steps"]), int(theirs["num_rejected_steps"]))
+        counts.add((int(ours["num_accepted_steps"]), int(ours["num_rejected_steps"])))
+    assert len(counts) == 3  # each controller steps differently here (11+3, 12+1 and 13+0 steps)
     with pytest.raises(ValueError, match="not both"):
         rfdit.solve(field, jnp.ones(3), solver="dopri5", rtol=1e-3, stepsize_controller=controller)
 
@@ -201,6 +213,30 @@ def test_exhausted_max_steps_raises_and_return_gives_the_partial_state(getkey):
     with pytest.raises(Exception, match="maximum number of solver steps"):
         jax.jit(lambda x: rfdit.solve(lambda t, x: -50 * x, x, solver="dopri5", rtol=1e-9, atol=1e-9,
                                       max_steps=2)[0])(jnp.ones(2)).block_until_ready()
+
+
+def test_a_non_finite_state_fails_alone_and_raises_with_fixed_steps_too(getkey):
+    # Diffrax reports success for a fixed-step solve whose state turns NaN; rfdit checks the final state
+    model = tiny_model(getkey())
+    noise, labels = jr.normal(getkey(), (3, 4, 4, 2)), jnp.arange(3)
+    noise = noise.at[1, 0, 0, 0].set(jnp.nan)  # one sample's noise: the model works per sample
+    with pytest.raises(SolveFailed, match=r"euler solve .* ended with NaN or inf in 1 of 3 solves"):
+        rfdit.sample(model, noise, labels, solver="euler", num_steps=4)
+    for per_sample in (False, True):
+        images, stats = rfdit.sample(model, noise, labels, solver="euler", num_steps=4, on_failure="return",
+                                     per_sample=per_sample)
+        assert stats["failed"].tolist() == [False, True, False]
+        assert bool(jnp.isfinite(images[0]).all()) and not bool(jnp.isfinite(images[1]).all())
+    # the SDE too (its last step included)
+    with pytest.raises(SolveFailed, match="NaN or inf in 1 of 3"):
+        rfdit.sample(model, noise, labels, solver="euler", num_steps=4, diffusion=rfdit.Diffusion("sigma"),
+                     last_step="mean", key=getkey())
+    # solve inside a user's own jit: a fixed message
+    x, stats = rfdit.solve(lambda t, x: x / (0.5 - t), jnp.ones(2), solver="euler", num_steps=2, on_failure="return")
+    assert int(stats["result"]) == NONFINITE
+    with pytest.raises(Exception, match="final state holds NaN or inf"):
+        jax.jit(lambda x: rfdit.solve(lambda t, x: x / (0.5 - t), x, solver="euler", num_steps=2)[0])(
+            jnp.ones(2)).block_until_ready()
 
 
 def test_time_grid_shift():

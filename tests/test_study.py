@@ -179,6 +179,24 @@ def test_the_reference_keeps_diffrax_i_controller_whatever_the_rows_use():
     assert StudyConfig(load_dir="run", out="study").adaptive("tsit5", 1e-4, 1.0).pcoeff == PCOEFF
 
 
+def test_study_cli_takes_the_sde_and_controller_flags_of_sample_py():
+    import tyro
+
+    cfg = tyro.cli(StudyConfig, use_underscores=True, args=[
+        "--load_dir", "run", "--out", "out", "--diffusion", "sigma", "--diffusion_norm", "0.5", "--sample_eps", "0.001",
+        "--last_step", "tweedie", "--last_step_size", "0.02", "--pcoeff", "0.2", "--icoeff", "0.5", "--dtmin", "1e-4",
+        "--dtmax", "0.25", "--max_steps", "100"])
+    assert (cfg.diffusions, cfg.diffusion_norm, cfg.sample_eps, cfg.last_step, cfg.last_step_size) == \
+        (("sigma",), 0.5, 0.001, "tweedie", 0.02)
+    assert (cfg.pcoeff, cfg.icoeff, cfg.dtmin, cfg.dtmax, cfg.max_steps) == (0.2, 0.5, 1e-4, 0.25, 100)
+    sde_row = cfg.sde_setting("euler", 32, 1.0, "sigma")
+    assert (sde_row.diffusion, sde_row.diffusion_norm, sde_row.sample_eps, sde_row.last_step) == \
+        ("sigma", 0.5, 0.001, "tweedie")
+    adaptive = cfg.adaptive("dopri5", 1e-3, 1.0)
+    assert (adaptive.pcoeff, adaptive.icoeff, adaptive.dtmin, adaptive.dtmax, adaptive.max_steps) == \
+        (0.2, 0.5, 1e-4, 0.25, 100)
+
+
 def test_study_config_refuses_bad_settings():
     with pytest.raises(ValueError, match="euler has no error estimate"):
         StudyConfig(load_dir="x", out="y", stepping_solvers=("euler",))

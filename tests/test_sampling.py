@@ -124,6 +124,24 @@ def test_user_tableau_solves_with_exact_nfe_and_its_order(fixed):
         assert abs(float(x1[0]) - exact) < 1e-4
 
 
+def test_a_user_tableau_samples_a_model_with_exact_nfe(getkey):
+    model = tiny_model(getkey())
+    noise, labels = jr.normal(getkey(), (2, 4, 4, 2)), jnp.arange(2)
+    field, calls = guided_field(model, labels, jnp.asarray(2.0)), []
+
+    def counted(t, x):
+        jax.debug.callback(lambda: calls.append(1), ordered=False)
+        return field(t, x)
+
+    for steps in (dict(num_steps=5), dict(rtol=1e-5, atol=1e-5)):
+        images, stats = rfdit.sample(model, noise, labels, cfg_scale=2.0, solver=_Kutta38(), **steps)
+        calls.clear()
+        direct, direct_stats = rfdit.solve(counted, noise, solver=_Kutta38(), **steps)
+        jax.effects_barrier()
+        assert int(stats["nfe"]) == int(direct_stats["nfe"]) == len(calls) == 4 * int(stats["num_steps"])
+        np.testing.assert_allclose(images, direct, rtol=1e-5, atol=1e-5)
+
+
 def test_stepsize_controller_object_is_honoured():
     field, calls = counting_field(4.0)
     default = rfdit.solve(field, jnp.ones(3), solver="dopri5", rtol=1e-4, atol=1e-4)[1]

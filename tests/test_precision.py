@@ -105,7 +105,7 @@ def test_patch_embedding_float32_training_rule_matches_autodiff(getkey):
     embed = PatchEmbed(0.1 * jr.normal(getkey(), (48, 2, 2, 3)), 0.1 * jr.normal(getkey(), (48,)), 2)
     x, g = jr.normal(getkey(), (6, 8, 8, 3)), jr.normal(getkey(), (6, 16, 48))
     rule, plain = ExecutionPolicy(bf16_backward=True), ExecutionPolicy()
-    assert rule.cpu_patch_rule and not plain.cpu_patch_rule
+    assert rule.cpu_training_rules and not plain.cpu_training_rules
 
     def loss(e, x, policy):
         return jnp.sum(jax.vmap(lambda x: e(x, policy))(x) * g)
@@ -199,6 +199,21 @@ def test_qkv_attention_on_packed_heads_equals_attention_on_split_heads(getkey):
     xla = ExecutionPolicy(attention="xla", bf16_backward=True)
     np.testing.assert_array_equal(jax.vmap(ft.partial(qkv_attention, policy=xla))(qkv),
                                   jax.vmap(lambda a: attention(a[:, 0], a[:, 1], a[:, 2], xla.replace(bf16_backward=False)))(qkv))
+
+
+def test_float32_packed_attention_backward_matches_autodiff(getkey):
+    # the CPU training step's attention rule in float32: the hand-written backward pass against autodiff
+    # through the plain einsum attention; both sum in float32, in other orders (hence 1e-5, not equality)
+    qkv = 3 * jr.normal(getkey(), (8, 16, 3, 2, 32))
+    g = jr.normal(getkey(), (8, 16, 2, 32))
+    rule, autodiff = (lambda qkv, flag=flag: jnp.sum(jax.vmap(ft.partial(qkv_attention, policy=einsum(flag)))(qkv) * g)
+                      for flag in (True, False))
+    assert einsum(True).cpu_training_rules == (jax.default_backend() == "cpu")
+    np.testing.assert_allclose(rule(qkv), autodiff(qkv), rtol=1e-6)
+    assert relative_error(jax.grad(rule)(qkv), jax.grad(autodiff)(qkv)) < 1e-5
+    if jax.default_backend() == "cpu":  # the rule is in the step: a custom VJP
+        assert "custom_vjp_call" in str(jax.make_jaxpr(rule)(qkv))
+        assert "custom_vjp_call" not in str(jax.make_jaxpr(autodiff)(qkv))
 
 
 def test_bf16_attention_backward_takes_bf16_operands_and_stays_close(getkey):

@@ -11,13 +11,15 @@ Only on CPUs, only for bf16 products and only in the training step (`ExecutionPo
 - `bf16_linear` (custom VJP): the linear layer whose backward pass multiplies bf16 operands into
   float32, as the forward pass does. Autodiff multiplies the float32 cotangent by bf16 operands, which
   XLA runs as float32 products, at half the rate on CPUs with AVX512-BF16 or AMX.
-- `bf16_packed_attention` (custom VJP): attention on q, k, v packed as the qkv layer writes them, with
-  a backward pass in bf16 operands and the three gradients returned packed.
 - `outer_sum` and `leading_sum` (custom vmap): the weight and bias gradients of those rules, one
   product or sum over batch and tokens instead of one per example summed afterwards.
 They pay on CPUs with bf16 dot products (AVX512-BF16, AMX): BENCHMARKS.md, "Execution defaults".
 
-On CPUs, in the training step, in float32 and bf16 alike (`ExecutionPolicy.cpu_patch_rule`):
+On CPUs, in the training step, in float32 and bf16 alike (`ExecutionPolicy.cpu_training_rules`):
+- `packed_attention` (custom VJP): attention on q, k, v packed as the qkv layer writes them, with a
+  hand-written backward pass in the heads' dtype (bf16 operands for bf16 heads) that returns the three
+  gradients packed. Autodiff's form slices the packed heads and stacks their gradients through copies:
+  the float32 debug step ran 3% faster with this rule (BENCHMARKS.md, "CPU: float32 packed attention").
 - `patch_product` (custom VJP): the patch embedding's product, whose weight gradient transposes
   the narrow patches rather than the cotangent. With autodiff's form XLA fused the residual stream's
   whole gradient into that strided copy: 22 of a float32 debug step's 97 ms (one core) with every
@@ -175,10 +177,11 @@ def softmax_attention(
 
 
 @jax.custom_vjp
-def bf16_packed_attention(qkv: Float[Array, "n 3 h d"]) -> Float[Array, "n h d"]:
-    """`softmax_attention` on bf16 heads packed as q, k, v along qkv's second axis, on a CPU (float32
-    products); its backward pass multiplies bf16 operands into float32 (the output's cotangent and the
-    logits' gradient rounded to bf16) and returns the three gradients packed, rounded to bf16 once."""
+def packed_attention(qkv: Float[Array, "n 3 h d"]) -> Float[Array, "n h d"]:
+    """`softmax_attention` on heads packed as q, k, v along qkv's second axis, on a CPU (float32
+    products); its backward pass multiplies operands of the heads' dtype into float32 (for bf16 heads,
+    the output's cotangent and the logits' gradient rounded to bf16) and returns the three gradients
+    packed, rounded to the heads' dtype once."""
     return softmax_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], jnp.float32)[0]
 
 
@@ -201,4 +204,4 @@ def _attention_bwd(residuals, g):
     return (jnp.stack([dq, dk, dv], axis=1).astype(qkv.dtype),)
 
 
-bf16_packed_attention.defvjp(_attention_fwd, _attention_bwd)
+packed_attention.defvjp(_attention_fwd, _attention_bwd)

@@ -133,7 +133,7 @@ class PatchEmbed(eqx.Module):
         patches = x.reshape(height // p, p, width // p, p, channels).transpose(0, 2, 1, 3, 4)
         patches = patches.reshape(-1, p * p * channels)  # (n, p*p*C), row-major over (h, w)
         w = self.weight.reshape(self.weight.shape[0], -1)
-        if policy.cpu_patch_rule:
+        if policy.cpu_training_rules:
             y = grad_rules.patch_product(patches, w, policy.compute_dtype, str(patches.dtype))
         else:
             y = product(patches, w, policy)
@@ -149,9 +149,11 @@ def einsum_attention(
     return grad_rules.softmax_attention(q, k, v, out_dtype)[0]
 
 
-def _packed_bf16_backward(implementation: str, dtypes, policy: ExecutionPolicy) -> bool:
-    return (implementation == "einsum" and policy.bf16_backward and policy.products_write_float32
-            and all(dtype == jnp.bfloat16 for dtype in dtypes))
+def _packed_backward(implementation: str, dtypes, policy: ExecutionPolicy) -> bool:
+    """Whether attention takes `grad_rules.packed_attention`: the einsum attention in a CPU training step
+    (`policy.cpu_training_rules`), on heads of one dtype, float32 or bf16."""
+    return (implementation == "einsum" and policy.cpu_training_rules and len(set(dtypes)) == 1
+            and jnp.dtype(dtypes[0]) in (jnp.float32, jnp.bfloat16))
 
 
 def attention(
@@ -161,8 +163,8 @@ def attention(
     cuDNN attention that does not apply to these shapes or this build falls back to XLA's; one asked
     for raises."""
     chosen = policy.attention_for(q.dtype, q.shape[-1])
-    if _packed_bf16_backward(chosen, [q.dtype, k.dtype, v.dtype], policy):
-        return grad_rules.bf16_packed_attention(jnp.stack([q, k, v], axis=1))
+    if _packed_backward(chosen, [q.dtype, k.dtype, v.dtype], policy):
+        return grad_rules.packed_attention(jnp.stack([q, k, v], axis=1))
     if chosen == "einsum":
         return einsum_attention(q, k, v, policy)
     with jax.numpy_dtype_promotion("standard"):  # jax's XLA attention promotes bf16 logits to f32
@@ -176,8 +178,8 @@ def attention(
 
 def qkv_attention(qkv: Float[Array, "n 3 h d"], policy: ExecutionPolicy = _FLOAT32) -> Float[Array, "n h d"]:
     """`attention` on q, k, v packed along qkv's second axis, as a qkv layer writes them."""
-    if _packed_bf16_backward(policy.attention_for(qkv.dtype, qkv.shape[-1]), [qkv.dtype], policy):
-        return grad_rules.bf16_packed_attention(qkv)
+    if _packed_backward(policy.attention_for(qkv.dtype, qkv.shape[-1]), [qkv.dtype], policy):
+        return grad_rules.packed_attention(qkv)
     return attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], policy)
 
 

@@ -48,7 +48,8 @@ class ExecutionPolicy:
             runs (`attention_for`): a default cuDNN attention that does not apply falls back to XLA's.
         bf16_backward: the training step's form of the products on CPUs (`rfdit.nn.grad_rules`): bf16
             products' backward passes multiply bf16 operands as well, and the patch embedding's weight
-            gradient transposes the patches (`cpu_patch_rule`, float32 too). It rules out forward-mode autodiff
+            gradient transposes the patches and attention's backward pass works on the packed heads
+            (`cpu_training_rules`, float32 too). It rules out forward-mode autodiff
             and per-example gradients of shared weights; `rfdit.TrainStep` sets it for its loss.
         products_write_float32: whether bf16 products write float32 results (on CPUs) rather than
             bf16 ones (on accelerators). By default, whether the backend is the CPU.
@@ -89,9 +90,10 @@ class ExecutionPolicy:
         return self.bf16_backward and self.bf16 and self.products_write_float32
 
     @property
-    def cpu_patch_rule(self) -> bool:
-        """Whether the patch embedding's weight gradient takes `rfdit.nn.grad_rules.patch_product`'s form:
-        in the training step on CPUs, float32 or bf16."""
+    def cpu_training_rules(self) -> bool:
+        """Whether the training step's CPU rules for float32 and bf16 alike apply (in the training step on
+        CPUs): the patch embedding's weight gradient in `rfdit.nn.grad_rules.patch_product`'s form and
+        the einsum attention's packed backward pass, `packed_attention`."""
         return self.bf16_backward and self.products_write_float32
 
     @property

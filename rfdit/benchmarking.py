@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
+import os
+import platform
 import re
 import statistics
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -17,7 +20,7 @@ import optax
 from .config import FlowConfig, OptimConfig
 from .flow import flow_loss
 from .nn.layers import product
-from .nn.policy import ExecutionPolicy
+from .nn.policy import ExecutionPolicy, cpu_flags, this_machine
 from .train import _global_norm
 
 
@@ -37,6 +40,35 @@ CORE_CONFIGS = {
     "hidden256": dict(hidden_size=256, depth=4, num_heads=4, patch_size=2, mlp_ratio=4.0, image_size=16,
                       in_channels=3, num_classes=10, batch_size=64),
 }
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (else `platform.processor()`)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """Where and when a figure was measured: the date, the CPU (model, cores, the flags the execution
+    defaults depend on and its family, `rfdit.nn.policy.this_machine`), JAX and the device."""
+    device = jax.devices()[0]
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_flags": sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
+        "machine": str(this_machine()),
+        "jax": jax.__version__,
+        "device": f"{device.platform}:{device.device_kind}",
+        "device_count": jax.device_count(),
+    }
 
 
 def benchmark_matmul_precision(dtype: str) -> str:

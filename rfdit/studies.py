@@ -34,11 +34,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import datetime
 import json
-import os
 import pathlib
-import platform
 import time
 from typing import Annotated, Any
 
@@ -50,6 +47,7 @@ import numpy as np
 import tyro
 
 from . import sde
+from .benchmarking import machine_info
 from .checkpoint import load_model
 from .config import SamplerConfig
 from .metrics.digits import FIGURES, DigitsEvaluator
@@ -317,19 +315,6 @@ def _is_digits(config: dict[str, Any]) -> bool:
     if run.get("dataset_name") is not None:
         return run["dataset_name"] == "digits" and not run.get("use_stable_vae", False)
     return (model["image_size"], model["in_channels"], model["num_classes"]) == (8, 1, 10)
-
-
-def machine_info() -> dict[str, Any]:
-    device = jax.devices()[0]
-    return {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "jax": jax.__version__,
-        "device": f"{device.platform}:{device.device_kind}",
-        "device_count": jax.device_count(),
-    }
 
 
 def _fmt(value) -> str:

@@ -80,6 +80,8 @@ def test_bench_variants_compiles_each_variant_and_reports_it(monkeypatch):
         return wrapper
 
     monkeypatch.setattr(layers, "einsum_attention", counted("einsum", layers.einsum_attention))
+    # the training step's einsum attention on CPUs: its packed rule
+    monkeypatch.setattr(layers.grad_rules, "packed_attention", counted("einsum", layers.grad_rules.packed_attention))
     monkeypatch.setattr(jax.nn, "dot_product_attention", counted("xla", jax.nn.dot_product_attention))
     variant = "attention=xla,grad_accum=2,xla:xla_cpu_enable_fast_math=true"
     precision_before = jax.config.jax_default_matmul_precision

@@ -11,7 +11,17 @@ import rfdit
 from rfdit.config import PRESETS
 from helpers import perturbed, relative_error, small_model
 from rfdit.nn.dit import sincos_pos_embed, timestep_features, with_policy
-from rfdit.nn.policy import resolve_attention, resolve_remat, resolve_scan_unroll
+from rfdit.nn.policy import (
+    BLOCK_DEFAULTS,
+    CPU_FAMILIES,
+    Machine,
+    block_default,
+    cpu_family,
+    resolve_attention,
+    resolve_remat,
+    resolve_scan_unroll,
+    this_machine,
+)
 
 
 def closed_form_params(h, d, p, c, k, o, r):
@@ -166,6 +176,31 @@ def test_dit_attention_setting_chooses_the_implementation(getkey, monkeypatch):
     with_policy(model, attention="einsum")(x, t, y)
     assert calls
 
+
+
+def test_defaults_are_resolved_from_the_machines_cpu_family():
+    # the families from /proc/cpuinfo's flags, as lscpu printed them on the machines the defaults were measured on
+    intel_amx = "avx512f avx512_bf16 amx_bf16 amx_tile amx_int8".split()
+    amd_epyc = "avx2 avx512f avx512_bf16 avx512_vnni".split()
+    assert [cpu_family(f) for f in (intel_amx, amd_epyc, ["avx2", "fma"], [])] == \
+        ["amx", "avx512_bf16", "generic", "generic"]
+    assert cpu_family() == this_machine().cpu_family or jax.default_backend() != "cpu"
+    for family in CPU_FAMILIES:
+        machine = Machine("cpu", family)
+        for dtype in ("float32", "bfloat16"):
+            entry = block_default(dtype, machine)
+            # a family's own entry, else the CPU entry for every family
+            assert entry is BLOCK_DEFAULTS.get(("cpu", family, dtype), BLOCK_DEFAULTS[("cpu", None, dtype)])
+            assert resolve_remat(None, dtype, machine) == entry.remat
+            assert resolve_scan_unroll(None, 12, dtype=dtype, machine=machine) == (entry.scan_unroll or 12)
+    # what was measured: float32 scans its blocks and keeps the products on every family measured, bf16 unrolls
+    assert {(block_default("float32", Machine("cpu", f)).remat, block_default("float32", Machine("cpu", f)).scan_unroll)
+            for f in CPU_FAMILIES} == {("dots", 1)}
+    assert block_default("bfloat16", Machine("cpu", "amx")) is BLOCK_DEFAULTS[("cpu", None, "bfloat16")]
+    for backend in ("gpu", "tpu"):  # accelerators: every block unrolled, nothing recomputed
+        assert (resolve_remat(None, "bfloat16", Machine(backend)), resolve_scan_unroll(
+            None, 28, dtype="bfloat16", machine=Machine(backend))) == ("none", 28)
+    assert all(entry.measured_on for entry in BLOCK_DEFAULTS.values())
 
 
 def test_dit_scan_unroll_default_and_equivalence(getkey):

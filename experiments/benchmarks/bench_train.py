@@ -39,6 +39,7 @@ import rfdit
 from rfdit.benchmarking import (
     benchmark_matmul_precision,
     compiled_footprint,
+    machine_info,
     matmul_peak_tflops,
     nominal_peak_tflops,
     peak_memory_bytes,
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
     matmul_precision = args.matmul_precision or benchmark_matmul_precision(dtype)
     jax.config.update("jax_default_matmul_precision", matmul_precision)
     device = jax.devices()[0]
+    info = machine_info()
+    print(f"machine: {info['cpu']}, {info['machine']}, {info['cpu_count']} cores, {info['date']}")
     print(f"device: {device.device_kind} x{jax.device_count()}, compute dtype: {dtype}, "
           f"jax_default_matmul_precision: {jax.config.jax_default_matmul_precision}")
 
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     peak = matmul_peak_tflops(dtype, size=args.peak_size or (2048 if device.platform == "cpu" else 8192))
     nominal = nominal_peak_tflops(device.device_kind, dtype, matmul_precision)
     result.update({
-        "device": f"{device.device_kind} x{jax.device_count()}",
+        "device": f"{device.device_kind} x{jax.device_count()}", "machine": info,
         "config": {**cfg.to_dict(), "batch_size": batch_size, "steps_per_call": k, "precision": args.precision,
                    "fsdp": args.fsdp, "grad_accum": step.micro_batches(model, batch_size), "remat": model.policy.remat,
                    "scan_unroll": model.policy.scan_unroll, "attention": model.policy.attention or "default",

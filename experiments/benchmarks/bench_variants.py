@@ -46,7 +46,13 @@ import jax.random as jr
 import tyro
 
 import rfdit
-from rfdit.benchmarking import CORE_CONFIGS, benchmark_matmul_precision, nominal_peak_tflops, time_calls
+from rfdit.benchmarking import (
+    CORE_CONFIGS,
+    benchmark_matmul_precision,
+    machine_info,
+    nominal_peak_tflops,
+    time_calls,
+)
 from rfdit.config import compute_dtype
 from rfdit.nn.policy import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 
@@ -169,6 +175,8 @@ def compare(args: Args, dtype: str, matmul_precision: str) -> dict:
     device = jax.devices()[0]
     peak = nominal_peak_tflops(device.device_kind, dtype, matmul_precision)
     gflop_per_step = 3 * cfg.forward_flops() * batch_size / 1e9
+    info = machine_info()
+    print(f"machine: {info['cpu']}, {info['machine']}, {info['cpu_count']} cores, {info['date']}")
     print(f"device: {device.device_kind} x{jax.device_count()}, config {config_name}, batch {batch_size}, "
           f"compute dtype {dtype}, jax_default_matmul_precision {matmul_precision}")
     images = jr.normal(jr.key(args.seed), (batch_size, cfg.image_size, cfg.image_size, cfg.in_channels))
@@ -216,9 +224,9 @@ def compare(args: Args, dtype: str, matmul_precision: str) -> dict:
               f"speedup {rows[-1]['speedup']:.3f} ({min(ratios):.3f}-{max(ratios):.3f} over rounds), "
               f"{rows[-1]['page_faults_per_step']} page faults per step"
               + (f", MFU {rows[-1]['mfu_nominal']:.3f} of {peak} TFLOP/s" if peak else ""))
-    result = {"device": f"{device.device_kind} x{jax.device_count()}", "config": config_name, "batch_size": batch_size,
-              "precision": args.precision, "gflop_per_step": round(gflop_per_step, 3), "rounds": args.rounds,
-              "steps_per_round": steps, "variants": rows, "failed": failed}
+    result = {"device": f"{device.device_kind} x{jax.device_count()}", "machine": info, "config": config_name,
+              "batch_size": batch_size, "precision": args.precision, "gflop_per_step": round(gflop_per_step, 3),
+              "rounds": args.rounds, "steps_per_round": steps, "variants": rows, "failed": failed}
     print(json.dumps(result))
     return result
 

@@ -42,7 +42,15 @@ import optax
 import tyro
 
 import rfdit
-from rfdit.benchmarking import CORE_CONFIGS, matmul_peak_tflops, ops_by_kind, profile_ops, summarise_ops, time_calls
+from rfdit.benchmarking import (
+    CORE_CONFIGS,
+    machine_info,
+    matmul_peak_tflops,
+    ops_by_kind,
+    profile_ops,
+    summarise_ops,
+    time_calls,
+)
 from rfdit.config import compute_dtype
 
 
@@ -141,6 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     if steps % k:
         raise SystemExit(f"--steps (={steps}) must be a multiple of --steps_per_call (={k}).")
     device = jax.devices()[0]
+    info = machine_info()
+    print(f"machine: {info['cpu']}, {info['machine']}, {info['cpu_count']} cores, {info['date']}")
     print(f"device: {device.device_kind} x{jax.device_count()}, config {args.config}: {spec}, batch {batch_size}, "
           f"rfdit precision {args.precision}")
 
@@ -198,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     peak = matmul_peak_tflops("float32", size=peak_size) * 1e12
     our_peak = peak if dtype == "float32" else matmul_peak_tflops(dtype, size=peak_size) * 1e12
     result = {
-        "device": f"{device.device_kind} x{jax.device_count()}",
+        "device": f"{device.device_kind} x{jax.device_count()}", "machine": info,
         "config": args.config,
         "model": {**spec, "batch_size": batch_size},
         "rfdit_settings": {"precision": args.precision, "steps_per_call": k, "scan_unroll": model.policy.scan_unroll,

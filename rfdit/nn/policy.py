@@ -4,13 +4,19 @@
 computes, up to rounding: the products' compute dtype, the residual stream's dtype, what a block keeps
 for its backward pass, how many blocks a scan unrolls, the attention implementation and whether the
 training step's bf16 products get their CPU backward rules (`rfdit.nn.grad_rules`). `resolve_policy`
-is the one place where defaults that depend on the backend are chosen; BENCHMARKS.md ("Execution
-defaults") has the measurements behind each and the machines they were taken on.
+is the one place where defaults that depend on the hardware are chosen, from what the machine has
+(`this_machine`: the backend and, on CPUs, the family its feature flags put it in) and the table
+`BLOCK_DEFAULTS`, whose entries name the machines they were measured on; BENCHMARKS.md ("Execution
+defaults") has the measurements. A CPU family without an entry of its own takes the measured CPU
+default, and an entry is changed only by a measurement on its family.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import pathlib
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +35,89 @@ ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
 
 def _on_cpu() -> bool:
     return jax.default_backend() == "cpu"
+
+
+CPU_FAMILIES = ("amx", "avx512_bf16", "generic")
+"""CPU families by the bf16 arithmetic their flags promise: Intel's AMX tiles (amx_bf16, amx_tile), AVX512
+with bf16 dot products (avx512_bf16: AMD Zen 4 and later, Intel Cooper Lake), and any other CPU."""
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as Linux names them in /proc/cpuinfo; empty where that cannot be read
+    (then the CPU counts as "generic")."""
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86, ARM
+            return frozenset(value.split())
+    return frozenset()
+
+
+def cpu_family(flags: Iterable[str] | None = None) -> str:
+    """The CPU_FAMILIES entry of a CPU with these flags (default: this one's, `cpu_flags`)."""
+    flags = cpu_flags() if flags is None else frozenset(flags)
+    if {"amx_bf16", "amx_tile"} <= flags:
+        return "amx"
+    if "avx512_bf16" in flags:
+        return "avx512_bf16"
+    return "generic"
+
+
+@dataclasses.dataclass(frozen=True)
+class Machine:
+    """What the defaults depend on: the backend ("cpu", "gpu", "tpu") and, on CPUs, the CPU family."""
+
+    backend: str
+    cpu_family: str | None = None
+
+    def __str__(self) -> str:
+        return self.backend if self.cpu_family is None else f"{self.backend} ({self.cpu_family})"
+
+
+def this_machine() -> Machine:
+    """The machine JAX runs on now."""
+    backend = jax.default_backend()
+    return Machine(backend, cpu_family() if backend == "cpu" else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockDefault:
+    """How blocks run by default on some machines, for one compute dtype, and what it was measured on."""
+
+    remat: str
+    scan_unroll: int | None  # None: the model's depth (every block unrolled)
+    measured_on: str
+
+
+BLOCK_DEFAULTS: dict[tuple[str, str | None, str], BlockDefault] = {
+    # (backend, CPU family or None for every family without its own entry, compute dtype)
+    ("cpu", "amx", "float32"): BlockDefault(
+        "dots", 1, "2-core Intel Xeon with AMX, 2026-12-06 (\"CPU: float32 against the original, profiled\")"),
+    ("cpu", "avx512_bf16", "float32"): BlockDefault(
+        "dots", 1, "2-core AMD EPYC with AVX512-BF16, 2026-12-06 and -07 (\"CPU: the step's host overhead\")"),
+    ("cpu", "avx512_bf16", "bfloat16"): BlockDefault(
+        "none", None, "2-core AMD EPYC with AVX512-BF16, 2026-12-05 (\"CPU: the bf16 step unrolled\")"),
+    ("cpu", None, "float32"): BlockDefault("dots", 1, "2-core x86-64, 2026-11-26 (\"CPU: the training step\")"),
+    ("cpu", None, "bfloat16"): BlockDefault("none", None, "AVX512-BF16's default, not measured on other families"),
+    ("gpu", None, "float32"): BlockDefault("none", None, "the bf16 figures' default, not measured in float32"),
+    ("gpu", None, "bfloat16"): BlockDefault(
+        "none", None, "H100 and H200, 2026-11-26 (\"GPU: one NVIDIA H100\", \"GPU: the residual stream in bf16\")"),
+}
+"""The blocks' default remat and scan_unroll by machine and compute dtype (BENCHMARKS.md, "Execution
+defaults"). Lookup: the machine's own CPU family, else the backend's entry for every family; a backend
+without an entry (a TPU) takes the GPU's."""
+
+
+def block_default(dtype: str = "float32", machine: Machine | None = None) -> BlockDefault:
+    """The BLOCK_DEFAULTS entry for a model with products in `dtype` on `machine` (default: this one)."""
+    machine = this_machine() if machine is None else machine
+    dtype = "bfloat16" if jnp.dtype(dtype) == jnp.bfloat16 else "float32"
+    backend = machine.backend if machine.backend == "cpu" else "gpu"
+    return BLOCK_DEFAULTS.get((backend, machine.cpu_family, dtype)) or BLOCK_DEFAULTS[(backend, None, dtype)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,13 +197,12 @@ class ExecutionPolicy:
         return resolve_attention(self.attention, dtype, head_dim)
 
 
-def resolve_remat(remat: bool | str | None, dtype: str = "float32") -> str:
-    """A `remat` setting as one of REMAT_POLICIES' names: True and False mean "full" and "none".
-
-    None is "dots" for float32 models on CPUs and "none" otherwise: on accelerators and for bf16 on
-    CPUs, whose blocks run unrolled (BENCHMARKS.md, "Execution defaults")."""
+def resolve_remat(remat: bool | str | None, dtype: str = "float32", machine: Machine | None = None) -> str:
+    """A `remat` setting as one of REMAT_POLICIES' names: True and False mean "full" and "none", None
+    the machine's default for this dtype (`block_default`: "dots" for float32 on CPUs, "none" for bf16
+    on CPUs and on accelerators)."""
     if remat is None:
-        return "dots" if _on_cpu() and jnp.dtype(dtype) != jnp.bfloat16 else "none"
+        return block_default(dtype, machine).remat
     if isinstance(remat, bool):
         return "full" if remat else "none"
     if remat not in REMAT_POLICIES:
@@ -123,15 +211,17 @@ def resolve_remat(remat: bool | str | None, dtype: str = "float32") -> str:
 
 
 def resolve_scan_unroll(
-    scan_unroll: int | None, depth: int, *, sharded_params: bool = False, dtype: str = "float32"
+    scan_unroll: int | None, depth: int, *, sharded_params: bool = False, dtype: str = "float32",
+    machine: Machine | None = None,
 ) -> int:
     """Blocks unrolled per scan iteration. None is 1 with sharded parameters (FSDP, where a scan gathers
-    one block's weights at a time) and for float32 models on CPUs; the full depth otherwise
-    (BENCHMARKS.md, "Execution defaults")."""
+    one block's weights at a time), else the machine's default for this dtype (`block_default`: 1 for
+    float32 on CPUs, the full depth for bf16 on CPUs and on accelerators)."""
     if scan_unroll is None:
-        if sharded_params or (_on_cpu() and jnp.dtype(dtype) != jnp.bfloat16):
+        if sharded_params:
             return 1
-        return depth
+        default = block_default(dtype, machine).scan_unroll
+        return depth if default is None else min(default, depth)
     if scan_unroll < 1:
         raise ValueError(f"scan_unroll (={scan_unroll}) must be >= 1.")
     return min(scan_unroll, depth)

@@ -201,6 +201,24 @@ def test_qkv_attention_on_packed_heads_equals_attention_on_split_heads(getkey):
                                   jax.vmap(lambda a: attention(a[:, 0], a[:, 1], a[:, 2], xla.replace(bf16_backward=False)))(qkv))
 
 
+def test_one_pass_layer_norm_of_the_cpu_training_step_matches_the_two_pass_form(getkey):
+    from rfdit.nn.layers import layer_norm
+
+    training = einsum(True)
+    assert training.cpu_training_rules == (jax.default_backend() == "cpu")
+    # activations with a mean of 3 standard deviations: E[x²] - E[x]² cancels 10 of its ~11 parts
+    x = 3.0 + jr.normal(getkey(), (64, 16, 256))
+    exact = (np.asarray(x, np.float64) - np.asarray(x, np.float64).mean(-1, keepdims=True)) / np.sqrt(
+        np.asarray(x, np.float64).var(-1, keepdims=True) + 1e-6)
+    assert relative_error(layer_norm(x), exact) < 1e-6  # two passes, everywhere outside the training step
+    assert relative_error(layer_norm(x, training), exact) < 3e-6
+    g = jr.normal(getkey(), x.shape)
+    grads = [jax.grad(lambda x, p=p: jnp.sum(layer_norm(x, p) * g))(x) for p in (training, einsum(False))]
+    assert relative_error(grads[0], grads[1]) < 3e-5
+    # a constant token (variance 0 up to rounding) stays finite instead of taking the root of a negative number
+    assert bool(jnp.isfinite(layer_norm(jnp.full((4, 64), 7.1), training)).all())
+
+
 def test_float32_packed_attention_backward_matches_autodiff(getkey):
     # the CPU training step's attention rule in float32: the hand-written backward pass against autodiff
     # through the plain einsum attention; both sum in float32, in other orders (hence 1e-5, not equality)

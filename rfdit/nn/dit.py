@@ -98,7 +98,7 @@ class DiTBlock(eqx.Module):
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(self.modulation(jax.nn.silu(c), policy), 6)
         wide = policy.wide_dtype  # results that go on to elementwise work (GELU, gated residuals)
 
-        h = modulate(layer_norm(x), shift_a, scale_a)  # (n, d)
+        h = modulate(layer_norm(x, policy), shift_a, scale_a)  # (n, d)
         qkv = self.qkv(h, policy, out_dtype=policy.compute_dtype)  # (n, 3d)
         qkv = qkv.reshape(n, 3, heads, d // heads)  # (n, 3, heads, head_dim): q, k, v
         if self.q_norm is not None and self.k_norm is not None:
@@ -107,7 +107,7 @@ class DiTBlock(eqx.Module):
         attn = qkv_attention(qkv, policy)  # (n, heads, head_dim)
         x = gated_residual(x, gate_a, self.proj(attn.reshape(n, d), policy, out_dtype=wide))  # (n, d)
 
-        h = modulate(layer_norm(x), shift_m, scale_m)  # (n, d)
+        h = modulate(layer_norm(x, policy), shift_m, scale_m)  # (n, d)
         h = jax.nn.gelu(self.fc1(h, policy, out_dtype=wide), approximate=True)  # (n, mlp_width)
         h = self.fc2(h, policy, out_dtype=wide)  # (n, d)
         return gated_residual(x, gate_m, h)
@@ -205,7 +205,7 @@ class DiT(eqx.Module):
         tokens, _ = jax.lax.scan(run_block, tokens, block_arrays, unroll=policy.scan_unroll)  # (n, d)
 
         shift, scale = jnp.split(self.final_modulation(jax.nn.silu(c), policy), 2)  # (d,) each
-        out = self.final_linear(modulate(layer_norm(tokens), shift, scale), policy)  # (n, p*p*O)
+        out = self.final_linear(modulate(layer_norm(tokens, policy), shift, scale), policy)  # (n, p*p*O)
         out = out.reshape(grid, grid, p, p, cfg.out_channels).transpose(0, 2, 1, 3, 4)  # (grid, p, grid, p, O)
         return out.reshape(cfg.image_size, cfg.image_size, cfg.out_channels).astype(x.dtype)
 

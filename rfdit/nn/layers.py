@@ -22,11 +22,21 @@ from .policy import ExecutionPolicy
 _FLOAT32 = ExecutionPolicy(products_write_float32=False)  # a float32 policy is the same on every backend
 
 
-def layer_norm(x: Float[Array, "... d"], eps: float = 1e-6) -> Float[Array, "... d"]:
-    """Parameter-free LayerNorm over the last axis, computed in float32, returned in x's dtype."""
+def layer_norm(
+    x: Float[Array, "... d"], policy: ExecutionPolicy = _FLOAT32, eps: float = 1e-6
+) -> Float[Array, "... d"]:
+    """Parameter-free LayerNorm over the last axis, computed in float32, returned in x's dtype.
+
+    The variance is E[(x - E[x])²], except in the CPU training step (`policy.cpu_training_rules`), where
+    it is E[x²] - E[x]² (Flax's default): both statistics come from one pass, and the backward pass,
+    which remat "dots" makes recompute them, is shorter (BENCHMARKS.md, "CPU: one-pass LayerNorm"). Its
+    rounding error grows with E[x]²/var, about 1e-6 relative at a mean of three standard deviations."""
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    if policy.cpu_training_rules:
+        var = jnp.maximum(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) - jnp.square(mean), 0.0)
+    else:
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 

@@ -137,8 +137,8 @@ class ExecutionPolicy:
             runs (`attention_for`): a default cuDNN attention that does not apply falls back to XLA's.
         bf16_backward: the training step's form of the products on CPUs (`rfdit.nn.grad_rules`): bf16
             products' backward passes multiply bf16 operands as well, and the patch embedding's weight
-            gradient transposes the patches and attention's backward pass works on the packed heads
-            (`cpu_training_rules`, float32 too). It rules out forward-mode autodiff
+            gradient transposes the patches, attention's backward pass works on the packed heads and
+            LayerNorm takes its statistics in one pass (`cpu_training_rules`, float32 too). It rules out forward-mode autodiff
             and per-example gradients of shared weights; `rfdit.TrainStep` sets it for its loss.
         products_write_float32: whether bf16 products write float32 results (on CPUs) rather than
             bf16 ones (on accelerators). By default, whether the backend is the CPU.
@@ -181,8 +181,9 @@ class ExecutionPolicy:
     @property
     def cpu_training_rules(self) -> bool:
         """Whether the training step's CPU rules for float32 and bf16 alike apply (in the training step on
-        CPUs): the patch embedding's weight gradient in `rfdit.nn.grad_rules.patch_product`'s form and
-        the einsum attention's packed backward pass, `packed_attention`."""
+        CPUs): the patch embedding's weight gradient in `rfdit.nn.grad_rules.patch_product`'s form, the
+        einsum attention's packed backward pass, `packed_attention`, and LayerNorm's one-pass statistics
+        (`rfdit.nn.layers.layer_norm`)."""
         return self.bf16_backward and self.products_write_float32
 
     @property

@@ -181,7 +181,7 @@ def test_sde_strong_order_on_one_brownian_path(solver, order):
     x0 = jr.normal(jr.key(0), (100, 2))
     kwargs = dict(solver=solver, t1=0.96, diffusion=Diffusion("sigma"), key=jr.key(1))
     reference = rfdit.solve(gaussian_velocity, x0, num_steps=128, **kwargs)[0]
-    steps = [4, 8, 16]  # a least-squares slope over three step counts
+    steps = [8, 16]
     errors = [rms(rfdit.solve(gaussian_velocity, x0, num_steps=n, **kwargs)[0], reference) for n in steps]
     assert observed_order(steps, errors) >= order, errors
 

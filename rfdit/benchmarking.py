@@ -20,7 +20,7 @@ import optax
 from .config import FlowConfig, OptimConfig
 from .flow import flow_loss
 from .nn.layers import product
-from .nn.policy import ExecutionPolicy, cpu_flags, this_machine
+from .nn.policy import ExecutionPolicy, cpu_flags, cpuinfo, this_machine
 from .train import _global_norm
 
 
@@ -42,18 +42,6 @@ CORE_CONFIGS = {
 }
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (else `platform.processor()`)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info() -> dict[str, Any]:
     """Where and when a figure was measured: the date, the CPU (model, cores, the flags the execution
     defaults depend on and its family, `rfdit.nn.policy.this_machine`), JAX and the device."""
@@ -61,7 +49,7 @@ def machine_info() -> dict[str, Any]:
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "platform": platform.platform(),
-        "cpu": cpu_model(),
+        "cpu": cpuinfo().get("model name") or platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "cpu_flags": sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
         "machine": str(this_machine()),
@@ -69,6 +57,11 @@ def machine_info() -> dict[str, Any]:
         "device": f"{device.platform}:{device.device_kind}",
         "device_count": jax.device_count(),
     }
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    """`machine_info` in one line, as the benchmark scripts print it first."""
+    return f"machine: {info['cpu']}, {info['machine']}, {info['cpu_count']} cores, {info['date']}"
 
 
 def benchmark_matmul_precision(dtype: str) -> str:

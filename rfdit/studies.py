@@ -230,8 +230,7 @@ def _solve_batch(params, noise, labels, scale, keys, *, static, setting: Sampler
         kwargs["key"] = keys  # one key per sample: its Brownian path whatever batch it is drawn in
     # a failed solve is recorded in the table (num_failed) and left out of its averages, not raised
     images, stats = sample(eqx.combine(params, static), noise, labels, on_failure="return", **kwargs)
-    nfe, rejected, result = (jnp.broadcast_to(stats[k], labels.shape) for k in ("nfe", "num_rejected_steps", "result"))
-    return images, nfe, rejected, jnp.where(stats["failed"], result, 0)  # a non-finite sample fails alone
+    return images, *[jnp.broadcast_to(stats[k], labels.shape) for k in ("nfe", "num_rejected_steps", "failed")]
 
 
 class _Sampler:
@@ -244,7 +243,7 @@ class _Sampler:
         self._compiled: dict[tuple, Any] = {}
 
     def run(self, setting: SamplerConfig, *, count: int | None = None, x64: bool = False) -> dict[str, Any]:
-        """Images (count, H, W, C), per-sample NFE and result codes, wall and compile seconds."""
+        """Images (count, H, W, C), per-sample NFE and failed flags (`sample`'s), wall and compile seconds."""
         count = len(self.labels) if count is None else count
         batch = min(self.batch_size, count)
         dtype = jnp.float64 if x64 else jnp.float32
@@ -261,20 +260,20 @@ class _Sampler:
                 self._compiled[key] = fn.lower(*example).compile()
                 compile_seconds = time.perf_counter() - start
             compiled = self._compiled[key]
-            images, nfe, rejected, results, seconds = [], [], [], [], 0.0
+            images, nfe, rejected, failed, seconds = [], [], [], [], 0.0
             for start_index in range(0, count, batch):
                 size = min(batch, count - start_index)
                 take = np.resize(np.arange(start_index, start_index + size), batch)  # pad the last batch
                 noise, labels = jnp.asarray(self.noise[take], dtype), jnp.asarray(self.labels[take])
                 start = time.perf_counter()
-                x, n, rej, r = jax.block_until_ready(compiled(self.params, noise, labels, scale, self.keys[take]))
+                x, n, rej, f = jax.block_until_ready(compiled(self.params, noise, labels, scale, self.keys[take]))
                 seconds += time.perf_counter() - start
                 images.append(np.asarray(x)[:size])
                 nfe.append(np.asarray(n)[:size])
                 rejected.append(np.asarray(rej)[:size])
-                results.append(np.asarray(r)[:size])
+                failed.append(np.asarray(f)[:size])
         return {"images": np.concatenate(images), "nfe": np.concatenate(nfe), "rejected": np.concatenate(rejected),
-                "result": np.concatenate(results), "seconds": seconds, "compile_seconds": compile_seconds}
+                "failed": np.concatenate(failed), "seconds": seconds, "compile_seconds": compile_seconds}
 
 
 def _rms(a: np.ndarray, b: np.ndarray) -> float:
@@ -385,7 +384,7 @@ def run_study(cfg: StudyConfig, *, command: str | None = None, progress: bool = 
             return None
         ref = reference(setting)
         res = sampler.run(setting)
-        ok = res["result"] == 0  # failed solves are counted in the row, not averaged into it
+        ok = ~res["failed"]  # failed solves are counted in the row, not averaged into it
         figures = quality(res["images"][ok], labels[ok]) if ok.any() else {}
         row = _row(setting, res, ref["images"], figures, section)
         rows.append(row)
@@ -518,7 +517,7 @@ def _expected_nfe(setting: SamplerConfig) -> int | None:
 
 def _row(setting: SamplerConfig, res: dict[str, Any], ref_images, figures: dict[str, float], section: str) -> dict[str, Any]:
     num = len(res["nfe"])
-    ok = res["result"] == 0
+    ok = ~res["failed"]
     failed = int(np.sum(~ok))
     averaged = ok if ok.any() else np.ones_like(ok)  # all failed: the averages say what the partial solves cost
     adaptive = setting.num_steps is None

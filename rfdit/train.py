@@ -205,7 +205,8 @@ class TrainStep:
     def _state(self, arrays: list) -> TrainState:
         """The state whose array leaves are `arrays` (the inverse of `arrays`)."""
         arrays, static = iter(arrays), iter(self._static_leaves)
-        return jax.tree_util.tree_unflatten(self._treedef, [next(arrays) if a else next(static) for a in self._is_array])
+        leaves = [next(arrays) if is_array else next(static) for is_array in self._is_array]
+        return jax.tree_util.tree_unflatten(self._treedef, leaves)
 
     def _arrays_step(self, arrays, images, labels):
         state = self._state(arrays)
@@ -216,7 +217,7 @@ class TrainStep:
                 return self._one_step(state, *batch)
 
             state, metrics = jax.lax.scan(body, state, (images, labels))
-        arrays = [x for x, a in zip(jax.tree_util.tree_leaves(state), self._is_array) if a]
+        arrays = self.arrays(state)
         if self._shardings is not None:  # keep the state where it was: replicated or FSDP-sharded
             arrays = [jax.lax.with_sharding_constraint(x, s) if s is not None else x
                       for x, s in zip(arrays, self._shardings)]

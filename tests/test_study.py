@@ -213,7 +213,8 @@ def test_study_rows_count_failed_solves_and_leave_them_out_of_the_averages():
     from rfdit.studies import _row
 
     res = {"images": np.array([[0.0], [1.0], [100.0]]), "nfe": np.array([10, 12, 4096]),
-           "rejected": np.array([0, 1, 2000]), "result": np.array([0, 0, 1]), "seconds": 3.0, "compile_seconds": 1.0}
+           "rejected": np.array([0, 1, 2000]), "failed": np.array([False, False, True]), "seconds": 3.0,
+           "compile_seconds": 1.0}
     ref = np.array([[0.0], [1.0], [0.0]])
     row = _row(SamplerConfig(solver="dopri5", num_steps=None, rtol=1e-3, atol=1e-3), res, ref, {}, "grid")
     assert row["num_failed"] == 1 and row["nfe"] == 11.0 and row["rms_error"] == 0.0

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import statistics
 import sys
-import time
 from typing import Literal
 
 import equinox as eqx
@@ -25,7 +24,7 @@ import jax.random as jr
 import tyro
 
 import rfdit
-from rfdit.benchmarking import CORE_CONFIGS
+from rfdit.benchmarking import CORE_CONFIGS, time_calls
 
 
 @dataclasses.dataclass
@@ -37,13 +36,7 @@ class Args:
 
 
 def _us_per_call(fn, calls: int, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append(1e6 * (time.perf_counter() - start) / calls)
-    return statistics.median(times)
+    return 1e6 * statistics.median(time_calls(fn, calls, rounds))
 
 
 def main(argv: list[str] | None = None) -> dict:

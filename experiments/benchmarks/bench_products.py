@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import tyro
 
-from rfdit.benchmarking import machine_info, time_calls
+from rfdit.benchmarking import machine_info, machine_line, time_calls
 from rfdit.nn.grad_rules import bf16_product
 from rfdit.nn.layers import Linear, qkv_attention
 from rfdit.nn.policy import ExecutionPolicy
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = tyro.cli(Args, args=argv, use_underscores=True)
     device = jax.devices()[0]
     info = machine_info()
-    print(f"machine: {info['cpu']}, {info['machine']}, {info['cpu_count']} cores, {info['date']}")
+    print(machine_line(info))
     print(f"device: {device.device_kind} x{jax.device_count()}")
     keys = jr.split(jr.key(args.seed), 3)
     result: dict = {"device": f"{device.device_kind} x{jax.device_count()}", "machine": info, "rounds": args.rounds}

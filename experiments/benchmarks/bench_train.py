@@ -40,6 +40,7 @@ from rfdit.benchmarking import (
     benchmark_matmul_precision,
     compiled_footprint,
     machine_info,
+    machine_line,
     matmul_peak_tflops,
     nominal_peak_tflops,
     peak_memory_bytes,
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     jax.config.update("jax_default_matmul_precision", matmul_precision)
     device = jax.devices()[0]
     info = machine_info()
-    print(f"machine: {info['cpu']}, {info['machine']}, {info['cpu_count']} cores, {info['date']}")
+    print(machine_line(info))
     print(f"device: {device.device_kind} x{jax.device_count()}, compute dtype: {dtype}, "
           f"jax_default_matmul_precision: {jax.config.jax_default_matmul_precision}")
 

@@ -50,6 +50,7 @@ from rfdit.benchmarking import (
     CORE_CONFIGS,
     benchmark_matmul_precision,
     machine_info,
+    machine_line,
     nominal_peak_tflops,
     time_calls,
 )
@@ -176,7 +177,7 @@ def compare(args: Args, dtype: str, matmul_precision: str) -> dict:
     peak = nominal_peak_tflops(device.device_kind, dtype, matmul_precision)
     gflop_per_step = 3 * cfg.forward_flops() * batch_size / 1e9
     info = machine_info()
-    print(f"machine: {info['cpu']}, {info['machine']}, {info['cpu_count']} cores, {info['date']}")
+    print(machine_line(info))
     print(f"device: {device.device_kind} x{jax.device_count()}, config {config_name}, batch {batch_size}, "
           f"compute dtype {dtype}, jax_default_matmul_precision {matmul_precision}")
     images = jr.normal(jr.key(args.seed), (batch_size, cfg.image_size, cfg.image_size, cfg.in_channels))

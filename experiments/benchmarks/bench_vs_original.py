@@ -45,6 +45,7 @@ import rfdit
 from rfdit.benchmarking import (
     CORE_CONFIGS,
     machine_info,
+    machine_line,
     matmul_peak_tflops,
     ops_by_kind,
     profile_ops,
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--steps (={steps}) must be a multiple of --steps_per_call (={k}).")
     device = jax.devices()[0]
     info = machine_info()
-    print(f"machine: {info['cpu']}, {info['machine']}, {info['cpu_count']} cores, {info['date']}")
+    print(machine_line(info))
     print(f"device: {device.device_kind} x{jax.device_count()}, config {args.config}: {spec}, batch {batch_size}, "
           f"rfdit precision {args.precision}")
 

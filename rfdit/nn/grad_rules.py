@@ -20,12 +20,12 @@ On CPUs, in the training step, in float32 and bf16 alike (`ExecutionPolicy.cpu_t
   hand-written backward pass in the heads' dtype (bf16 operands for bf16 heads) that returns the three
   gradients packed. Autodiff's form slices the packed heads and stacks their gradients through copies:
   the float32 debug step ran 3% faster with this rule (BENCHMARKS.md, "CPU: float32 packed attention").
-  (LayerNorm's one-pass statistics, the third of these rules, are a formula, not a custom rule; they are
-  in `rfdit.nn.layers.layer_norm`.)
 - `patch_product` (custom VJP): the patch embedding's product, whose weight gradient transposes
   the narrow patches rather than the cotangent. With autodiff's form XLA fused the residual stream's
   whole gradient into that strided copy: 22 of a float32 debug step's 97 ms (one core) with every
-  activation kept, 8.7 of 23 ms in bf16 (BENCHMARKS.md, "CPU: float32 ahead of the original").
+  activation kept, 8.7 of 23 ms in bf16 (BENCHMARKS.md, "CPU: float32 against the original, profiled").
+The third rule of the CPU training step, LayerNorm's one-pass statistics, is a formula rather than a
+custom rule, so it lives in `rfdit.nn.layers.layer_norm`.
 """
 
 from __future__ import annotations

@@ -43,18 +43,25 @@ with bf16 dot products (avx512_bf16: AMD Zen 4 and later, Intel Cooper Lake), an
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """This CPU's feature flags as Linux names them in /proc/cpuinfo; empty where that cannot be read
-    (then the CPU counts as "generic")."""
+def cpuinfo() -> dict[str, str]:
+    """The first processor's fields in Linux's /proc/cpuinfo ("model name", "flags", ...); empty where that
+    cannot be read."""
     try:
         text = pathlib.Path("/proc/cpuinfo").read_text()
     except OSError:
-        return frozenset()
+        return {}
+    fields: dict[str, str] = {}
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):  # x86, ARM
-            return frozenset(value.split())
-    return frozenset()
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as Linux names them in /proc/cpuinfo; empty where that cannot be read
+    (then the CPU counts as "generic")."""
+    info = cpuinfo()
+    return frozenset((info.get("flags") or info.get("Features") or "").split())  # x86, ARM
 
 
 def cpu_family(flags: Iterable[str] | None = None) -> str:
@@ -138,8 +145,9 @@ class ExecutionPolicy:
         bf16_backward: the training step's form of the products on CPUs (`rfdit.nn.grad_rules`): bf16
             products' backward passes multiply bf16 operands as well, and the patch embedding's weight
             gradient transposes the patches, attention's backward pass works on the packed heads and
-            LayerNorm takes its statistics in one pass (`cpu_training_rules`, float32 too). It rules out forward-mode autodiff
-            and per-example gradients of shared weights; `rfdit.TrainStep` sets it for its loss.
+            LayerNorm takes its statistics in one pass (`cpu_training_rules`, float32 too). It rules out
+            forward-mode autodiff and per-example gradients of shared weights; `rfdit.TrainStep` sets it
+            for its loss.
         products_write_float32: whether bf16 products write float32 results (on CPUs) rather than
             bf16 ones (on accelerators). By default, whether the backend is the CPU.
     """
